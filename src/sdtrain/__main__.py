@@ -1,0 +1,5 @@
+"""`python -m sdtrain` entry point."""
+
+from sdtrain.cli.main import run
+
+run()

@@ -1,0 +1,1 @@
+"""Command-line interface: thin Typer commands that parse, load config, call run/tools and render."""

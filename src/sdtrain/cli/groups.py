@@ -1,0 +1,19 @@
+"""The command groups of the CLI. Adding a group = one module exposing `app` + one line here.
+
+Group modules import only typer/stdlib at top level; heavy work is imported inside commands.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import typer
+
+# (group name, module, help)
+GROUPS: list[tuple[str, str, str]] = [
+]
+
+
+def lazy(module_path: str) -> typer.Typer:
+    """Import a group module and return its Typer app."""
+    return importlib.import_module(module_path).app

@@ -1,0 +1,71 @@
+"""Root Typer app: global options, command groups, and the single error boundary."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import typer
+
+from sdtrain import __version__
+
+app = typer.Typer(
+    name="sdtrain",
+    help="Train Stable Diffusion 1.x/2.x models and prepare their data.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"sdtrain {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More output (-vv for debug)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks (or set SDTRAIN_DEBUG=1)."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """Train Stable Diffusion 1.x/2.x models (LoRA, DreamBooth, fine-tune, TI) and prepare data."""
+    from sdtrain.log import setup_logging
+
+    if debug:
+        os.environ["SDTRAIN_DEBUG"] = "1"
+    setup_logging(-1 if quiet else verbose)
+
+
+def _register_groups() -> None:
+    # one module per command group; each exposes `app` (a Typer) and its group name
+    from sdtrain.cli import groups
+
+    for name, module_path, help_text in groups.GROUPS:
+        app.add_typer(groups.lazy(module_path), name=name, help=help_text)
+
+
+def _on_sigint(signum: int, frame: object) -> None:
+    from sdtrain.errors import Interrupted
+
+    raise Interrupted("interrupted by the user", hint="run the same command again to start over")
+
+
+def run() -> None:
+    """Console-script entry: run the app, render SdtrainErrors once, map exit codes."""
+    from sdtrain.errors import SdtrainError
+
+    signal.signal(signal.SIGINT, _on_sigint)
+    _register_groups()
+    try:
+        app()
+    except SdtrainError as error:
+        from sdtrain.cli.render import render_error
+
+        render_error(error)
+        sys.exit(error.exit_code)

@@ -1,0 +1,1 @@
+"""Configuration: run TOML + CLI flags -> validated pydantic sections (no torch imports here)."""

@@ -1,0 +1,1 @@
+"""Training methods (lora, dreambooth, finetune, ti): what is trained, conditioned and exported."""
