@@ -10,3 +10,21 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("DIFFUSERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "disabled")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def cli():
+    """Invoke the real Typer app in-process: cli(["dataset", "plan", ...]) -> click Result."""
+    from typer.testing import CliRunner
+
+    from sdtrain.cli.main import _register_groups, app
+
+    _register_groups()
+    runner = CliRunner()
+
+    def invoke(args: list[str], **kwargs):
+        return runner.invoke(app, args, catch_exceptions=False, **kwargs)
+
+    return invoke

@@ -42,12 +42,17 @@ def main(
     setup_logging(-1 if quiet else verbose)
 
 
+_registered: set[str] = set()
+
+
 def _register_groups() -> None:
-    # one module per command group; each exposes `app` (a Typer) and its group name
+    """Attach every command group listed in cli/groups.py (safe to call more than once)."""
     from sdtrain.cli import groups
 
     for name, module_path, help_text in groups.GROUPS:
-        app.add_typer(groups.lazy(module_path), name=name, help=help_text)
+        if name not in _registered:
+            app.add_typer(groups.lazy(module_path), name=name, help=help_text)
+            _registered.add(name)
 
 
 def _on_sigint(signum: int, frame: object) -> None:
