@@ -28,3 +28,17 @@ def cli():
         return runner.invoke(app, args, catch_exceptions=False, **kwargs)
 
     return invoke
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip `gpu`-marked tests when CUDA is not available."""
+    gpu_items = [item for item in items if "gpu" in item.keywords]
+    if not gpu_items:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in gpu_items:
+        item.add_marker(skip)

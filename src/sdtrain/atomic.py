@@ -1,4 +1,4 @@
-"""Atomic file writes: temp file in the target folder, fsync, rename. Readers never see a torn file."""
+"""Atomic file writes: temp file beside the target, fsync, rename. No reader sees a torn file."""
 
 from __future__ import annotations
 
@@ -60,7 +60,9 @@ def write_text(target: Path, text: str) -> None:
     write_bytes(target, text.encode("utf-8"))
 
 
-def save_safetensors(target: Path, tensors: dict[str, Any], metadata: dict[str, str] | None = None) -> None:
+def save_safetensors(
+    target: Path, tensors: dict[str, Any], metadata: dict[str, str] | None = None
+) -> None:
     """Atomically write a safetensors file (tensors are made contiguous first)."""
     from safetensors.torch import save_file
 

@@ -31,7 +31,7 @@ def setup_logging(verbosity: int = 0) -> None:
 
 
 def progress(transient: bool = False) -> Progress:
-    """A rich progress bar (rate, ETA) on stderr; rich prints only the final state when not a TTY."""
+    """A rich progress bar (rate, ETA) on stderr; only the final state is printed off a TTY."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,

@@ -1,1 +1,1 @@
-"""Command-line interface: thin Typer commands that parse, load config, call run/tools and render."""
+"""Command-line interface: thin Typer commands (parse, load config, call run/tools, render)."""

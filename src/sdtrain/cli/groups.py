@@ -10,8 +10,7 @@ import importlib
 import typer
 
 # (group name, module, help)
-GROUPS: list[tuple[str, str, str]] = [
-]
+GROUPS: list[tuple[str, str, str]] = []
 
 
 def lazy(module_path: str) -> typer.Typer:

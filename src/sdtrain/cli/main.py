@@ -28,11 +28,14 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main(
-    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More output (-vv for debug)."),
+    verbose: int = typer.Option(
+        0, "--verbose", "-v", count=True, help="More output (-vv for debug)."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks (or set SDTRAIN_DEBUG=1)."),
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                 help="Print the version and exit."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
 ) -> None:
     """Train Stable Diffusion 1.x/2.x models (LoRA, DreamBooth, fine-tune, TI) and prepare data."""
     from sdtrain.log import setup_logging

@@ -14,7 +14,7 @@ class Section(BaseModel):
 
 
 def path_field(default: Any = None, description: str = "") -> Any:
-    """A field holding a filesystem path; relative values resolve against the defining file's folder."""
+    """A filesystem-path field; relative values resolve against the defining file's folder."""
     return Field(default, description=description, json_schema_extra={"path": True})
 
 

@@ -53,8 +53,11 @@ def _convert(info: KeyInfo, tokens: list[str]) -> Any:
         for candidate in (parts, [_number(p) for p in parts]):
             try:
                 return TypeAdapter(annotation).validate_python(
-                    candidate if len(candidate) != 1 or not _has_scalar(annotation) else candidate[0],
-                    strict=False)
+                    candidate
+                    if len(candidate) != 1 or not _has_scalar(annotation)
+                    else candidate[0],
+                    strict=False,
+                )
             except ValidationError:
                 continue
     try:
@@ -90,24 +93,47 @@ def parse_flags(args: list[str], keys: dict[str, KeyInfo]) -> FlagValues:
         name, eq, inline = token[2:].partition("=")
         name = name.replace("-", "_")
         negated = False
-        if name not in keys and name.startswith("no_") and name[3:] in keys and keys[name[3:]].is_bool:
+        if (
+            name not in keys
+            and name.startswith("no_")
+            and name[3:] in keys
+            and keys[name[3:]].is_bool
+        ):
             name, negated = name[3:], True
         info = keys.get(name)
         if info is None:
             close = suggest(name, keys)
-            result.problems.append(Problem(
-                key=name, message=f"unknown option --{name}", file=CLI,
-                hint=f"did you mean --{close}?" if close else "run with --help-config to list every key"))
-            if not eq and i < len(args) and not args[i].startswith("--") \
-                    and not _looks_like_config(args[i]):
+            result.problems.append(
+                Problem(
+                    key=name,
+                    message=f"unknown option --{name}",
+                    file=CLI,
+                    hint=f"did you mean --{close}?"
+                    if close
+                    else "run with --help-config to list every key",
+                )
+            )
+            if (
+                not eq
+                and i < len(args)
+                and not args[i].startswith("--")
+                and not _looks_like_config(args[i])
+            ):
                 i += 1
             continue
         if info.is_bool:
             if eq:
                 lowered = inline.lower()
                 if lowered not in _TRUE | _FALSE:
-                    result.problems.append(Problem(key=f"{info.table}.{name}", file=CLI, value=inline,
-                                                   has_value=True, message="expected true or false"))
+                    result.problems.append(
+                        Problem(
+                            key=f"{info.table}.{name}",
+                            file=CLI,
+                            value=inline,
+                            has_value=True,
+                            message="expected true or false",
+                        )
+                    )
                     continue
                 result.set(info, lowered in _TRUE)
             else:
@@ -124,15 +150,23 @@ def parse_flags(args: list[str], keys: dict[str, KeyInfo]) -> FlagValues:
                 if not many:
                     break
         if not tokens:
-            result.problems.append(Problem(key=f"{info.table}.{name}", file=CLI,
-                                           message=f"--{name} needs a value"))
+            result.problems.append(
+                Problem(key=f"{info.table}.{name}", file=CLI, message=f"--{name} needs a value")
+            )
             continue
         try:
             value = _convert(info, tokens)
         except ValidationError as exc:
             detail = exc.errors()[0]["msg"]
-            result.problems.append(Problem(key=f"{info.table}.{name}", file=CLI, value=" ".join(tokens),
-                                           has_value=True, message=detail))
+            result.problems.append(
+                Problem(
+                    key=f"{info.table}.{name}",
+                    file=CLI,
+                    value=" ".join(tokens),
+                    has_value=True,
+                    message=detail,
+                )
+            )
             continue
         if info.is_path and isinstance(value, str) and not _is_special(value):
             value = os.path.abspath(value)
@@ -145,4 +179,6 @@ def _looks_like_config(token: str) -> bool:
 
 
 def _is_special(value: str) -> bool:
-    return ":" in value.split("/")[0] and not os.path.exists(value)  # builtin:..., hub ids with revision
+    return ":" in value.split("/")[0] and not os.path.exists(
+        value
+    )  # builtin:..., hub ids with revision

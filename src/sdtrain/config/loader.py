@@ -54,8 +54,9 @@ def _resolve_paths(raw: dict[str, Any], schema: type[BaseModel], base: Path) -> 
                 values[key] = str(path if path.is_absolute() else (base / path).resolve())
 
 
-def _top_level_problems(raw: dict[str, Any], schema: type[BaseModel], command: str,
-                        doc: SourceDoc | None) -> list[Problem]:
+def _top_level_problems(
+    raw: dict[str, Any], schema: type[BaseModel], command: str, doc: SourceDoc | None
+) -> list[Problem]:
     problems = []
     tables = table_names(schema)
     keys = index_schema(schema)
@@ -66,19 +67,41 @@ def _top_level_problems(raw: dict[str, Any], schema: type[BaseModel], command: s
         line = doc.lines.get((name,)) if doc else None
         if name in METHOD_TABLES:
             owner = METHOD_TABLES[name]
-            problems.append(Problem(key=name, file=file, line=line,
-                                    message=f"the [{name}] table belongs to `sdtrain train {owner}`, "
-                                            f"not to `{COMMAND_TITLES[command]}`",
-                                    hint=f"remove the table, or run `sdtrain train {owner}`"))
+            problems.append(
+                Problem(
+                    key=name,
+                    file=file,
+                    line=line,
+                    message=f"the [{name}] table belongs to `sdtrain train {owner}`, "
+                    f"not to `{COMMAND_TITLES[command]}`",
+                    hint=f"remove the table, or run `sdtrain train {owner}`",
+                )
+            )
         elif name in keys:
-            problems.append(Problem(key=name, file=file, line=line, value=raw[name], has_value=True,
-                                    message=f"`{name}` must be inside a table",
-                                    hint=f"move it under [{keys[name].table}]"))
+            problems.append(
+                Problem(
+                    key=name,
+                    file=file,
+                    line=line,
+                    value=raw[name],
+                    has_value=True,
+                    message=f"`{name}` must be inside a table",
+                    hint=f"move it under [{keys[name].table}]",
+                )
+            )
         else:
             close = suggest(name, tables)
-            problems.append(Problem(key=name, file=file, line=line, message=f"unknown table `{name}`",
-                                    hint=f"did you mean [{close}]?" if close else
-                                    f"known tables: {', '.join(tables)}"))
+            problems.append(
+                Problem(
+                    key=name,
+                    file=file,
+                    line=line,
+                    message=f"unknown table `{name}`",
+                    hint=f"did you mean [{close}]?"
+                    if close
+                    else f"known tables: {', '.join(tables)}",
+                )
+            )
         del raw[name]
     return problems
 
@@ -93,11 +116,19 @@ def load_run_config(args: list[str], command: str, require_file: bool = False) -
     problems = list(parsed.problems)
     if len(parsed.positionals) > 1:
         extra = " ".join(parsed.positionals[1:])
-        problems.append(Problem(key="", file=CLI, message=f"unexpected extra argument(s): {extra}",
-                                hint="give one config file; options are written --key value"))
+        problems.append(
+            Problem(
+                key="",
+                file=CLI,
+                message=f"unexpected extra argument(s): {extra}",
+                hint="give one config file; options are written --key value",
+            )
+        )
     if require_file and not parsed.positionals:
-        raise ConfigError([Problem(key="", file=CLI, message="no config file given")],
-                          hint=f"usage: {COMMAND_TITLES[command]} RUN.toml [--key value ...]")
+        raise ConfigError(
+            [Problem(key="", file=CLI, message="no config file given")],
+            hint=f"usage: {COMMAND_TITLES[command]} RUN.toml [--key value ...]",
+        )
     path = Path(parsed.positionals[0]) if parsed.positionals else None
     doc = read_config_file(path) if path is not None else None
     raw: dict[str, Any] = copy.deepcopy(doc.data) if doc else {}
@@ -124,8 +155,14 @@ def load_run_config(args: list[str], command: str, require_file: bool = False) -
         info = schema.model_fields.get(str(loc[0]))
         if info is None:
             return []
-        model = next((t for t in (info.annotation, *getattr(info.annotation, "__args__", ()))
-                      if isinstance(t, type) and issubclass(t, BaseModel)), None)
+        model = next(
+            (
+                t
+                for t in (info.annotation, *getattr(info.annotation, "__args__", ()))
+                if isinstance(t, type) and issubclass(t, BaseModel)
+            ),
+            None,
+        )
         return list(model.model_fields) if model else []
 
     config = None
@@ -140,4 +177,6 @@ def load_run_config(args: list[str], command: str, require_file: bool = False) -
 
 
 def _hint(path: Path | None) -> str:
-    return "fix the keys above" + (f" in {path}" if path else "") + "; `--help-config` lists every key"
+    return (
+        "fix the keys above" + (f" in {path}" if path else "") + "; `--help-config` lists every key"
+    )

@@ -13,27 +13,42 @@ class NetworkSection(Section):
     """[network]: the LoRA adapter trained by `sdtrain train lora`."""
 
     network_module: Literal["networks.lora", "lora"] = Field(
-        "networks.lora", description="adapter kind; LoRA-LierLa, or C3Lier with conv_dim in network_args")
+        "networks.lora",
+        description="adapter kind; LoRA-LierLa, or C3Lier with conv_dim in network_args",
+    )
     network_dim: int | None = Field(None, ge=1, description="LoRA rank (default 4)")
     network_alpha: float = Field(1.0, ge=0.0, description="LoRA alpha; 0 means alpha = dim")
-    network_dropout: float | None = Field(None, ge=0.0, lt=1.0, description="dropout on the down projection")
+    network_dropout: float | None = Field(
+        None, ge=0.0, lt=1.0, description="dropout on the down projection"
+    )
     network_args: dict[str, Any] | list[str] = Field(
-        default_factory=dict, description="conv_dim, conv_alpha, ...: a table, or key=value strings")
+        default_factory=dict, description="conv_dim, conv_alpha, ...: a table, or key=value strings"
+    )
     network_weights: str | None = path_field(None, "continue from this kohya LoRA file")
     dim_from_weights: bool = Field(False, description="take dims/alphas from network_weights")
     network_train_unet_only: bool = Field(False, description="train only the U-Net adapter")
-    network_train_text_encoder_only: bool = Field(False, description="train only the text-encoder adapter")
-    save_model_as: Literal["safetensors", "ckpt", "pt"] = Field("safetensors", description="LoRA file type")
+    network_train_text_encoder_only: bool = Field(
+        False, description="train only the text-encoder adapter"
+    )
+    save_model_as: Literal["safetensors", "ckpt", "pt"] = Field(
+        "safetensors", description="LoRA file type"
+    )
     save_diffusers_lora: bool = Field(
-        False, description="also write a diffusers/PEFT-layout LoRA file (alpha kept in its metadata)")
+        False,
+        description="also write a diffusers/PEFT-layout LoRA file (alpha kept in its metadata)",
+    )
     no_metadata: bool = Field(False, description="write only the minimal ss_* metadata")
     training_comment: str | None = Field(None, description="stored as ss_training_comment")
-    scale_weight_norms: float | None = Field(None, gt=0.0, description="max-norm regularisation of each delta W")
+    scale_weight_norms: float | None = Field(
+        None, gt=0.0, description="max-norm regularisation of each delta W"
+    )
 
     @model_validator(mode="after")
     def _exclusive_targets(self) -> NetworkSection:
         if self.network_train_unet_only and self.network_train_text_encoder_only:
-            raise ValueError("network_train_unet_only and network_train_text_encoder_only exclude each other")
+            raise ValueError(
+                "network_train_unet_only and network_train_text_encoder_only exclude each other"
+            )
         if self.dim_from_weights and not self.network_weights:
             raise ValueError("dim_from_weights needs network_weights")
         return self

@@ -34,12 +34,18 @@ def dotted(loc: Iterable[str | int]) -> str:
 
 def _clean_loc(loc: tuple[Any, ...]) -> tuple[str | int, ...]:
     # pydantic adds union-member tags such as 'int' or 'list[int]' into loc; drop them
-    return tuple(p for p in loc if isinstance(p, int) or not any(c in str(p) for c in "[]()|") and
-                 str(p) not in {"int", "float", "str", "bool", "function-after", "function-before"})
+    return tuple(
+        p
+        for p in loc
+        if isinstance(p, int)
+        or not any(c in str(p) for c in "[]()|")
+        and str(p) not in {"int", "float", "str", "bool", "function-after", "function-before"}
+    )
 
 
-def _hint_for_extra(schema: type[BaseModel] | None, loc: tuple[str | int, ...],
-                    sibling_keys: Iterable[str]) -> str | None:
+def _hint_for_extra(
+    schema: type[BaseModel] | None, loc: tuple[str | int, ...], sibling_keys: Iterable[str]
+) -> str | None:
     name = str(loc[-1])
     close = suggest(name, sibling_keys)
     if close:
@@ -58,7 +64,7 @@ def problems_from_validation(
     allowed_keys: Callable[[tuple[str | int, ...]], Iterable[str]] | None = None,
     schema: type[BaseModel] | None = None,
 ) -> list[Problem]:
-    """One Problem per pydantic error, with file:line, dotted key, the value as written and a hint."""
+    """One Problem per pydantic error: file:line, dotted key, the value as written, a hint."""
     problems: list[Problem] = []
     seen: set[tuple[tuple[str | int, ...], str]] = set()
     for err in exc.errors():
@@ -81,7 +87,18 @@ def problems_from_validation(
             continue
         seen.add((loc, message))
         file, line = locate(loc)
-        has_value = kind not in ("missing",) and "input" in err and not isinstance(err["input"], dict)
-        problems.append(Problem(key=dotted(loc), message=message, file=file, line=line,
-                                value=err.get("input"), has_value=has_value, hint=hint))
+        has_value = (
+            kind not in ("missing",) and "input" in err and not isinstance(err["input"], dict)
+        )
+        problems.append(
+            Problem(
+                key=dotted(loc),
+                message=message,
+                file=file,
+                line=line,
+                value=err.get("input"),
+                has_value=has_value,
+                hint=hint,
+            )
+        )
     return problems

@@ -31,14 +31,18 @@ class RunConfig(Section):
     sample: SampleSection = Field(default_factory=SampleSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
     general: dict[str, Any] | None = Field(None, description="inline blueprint [general] table")
-    datasets: list[dict[str, Any]] | None = Field(None, description="inline blueprint [[datasets]] tables")
+    datasets: list[dict[str, Any]] | None = Field(
+        None, description="inline blueprint [[datasets]] tables"
+    )
 
     @model_validator(mode="after")
     def _dataset_source(self) -> RunConfig:
         inline = self.general is not None or self.datasets is not None
         if inline and self.dataset.dataset_config:
-            raise ValueError("give the dataset blueprint either inline ([general]/[[datasets]]) "
-                             "or as dataset.dataset_config, not both")
+            raise ValueError(
+                "give the dataset blueprint either inline ([general]/[[datasets]]) "
+                "or as dataset.dataset_config, not both"
+            )
         return self
 
 
@@ -49,7 +53,7 @@ class LoraRunConfig(RunConfig):
 
 
 class PlanRunConfig(RunConfig):
-    """`sdtrain dataset plan` / `latents cache`: any run file is accepted, its method table ignored."""
+    """`dataset plan` / `latents cache`: any run file is accepted; its method table is ignored."""
 
     network: NetworkSection | None = None
     dreambooth: dict[str, Any] | None = None

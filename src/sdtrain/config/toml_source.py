@@ -19,7 +19,9 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 KeyPath = tuple[str | int, ...]
 
 _HEADER = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*(\]\]?)\s*(#.*)?$")
-_KEY = re.compile(r"""^\s*((?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*')(?:\s*\.\s*(?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*'))*)\s*=""")
+_KEY = re.compile(
+    r"""^\s*((?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*')(?:\s*\.\s*(?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*'))*)\s*="""
+)
 _TOML_POS = re.compile(r"line (\d+), column (\d+)")
 
 
@@ -92,7 +94,7 @@ def locate_keys(text: str) -> dict[KeyPath, int]:
         if key:
             path = (*table, *_split_dotted(key.group(1)))
             lines[path] = number
-            rest = line[key.end():]
+            rest = line[key.end() :]
             for quote in ('"""', "'''"):
                 if rest.count(quote) % 2 == 1:
                     in_multiline = quote
@@ -110,21 +112,34 @@ def read_config_file(path: Path) -> SourceDoc:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError([Problem(key="", message=f"cannot read file: {exc}", file=str(path))]) from exc
+        raise ConfigError(
+            [Problem(key="", message=f"cannot read file: {exc}", file=str(path))]
+        ) from exc
     suffix = path.suffix.lower()
     if suffix == ".json":
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            problem = Problem(key="", message=f"JSON syntax error: {exc.msg}", file=str(path),
-                              line=exc.lineno, column=exc.colno)
+            problem = Problem(
+                key="",
+                message=f"JSON syntax error: {exc.msg}",
+                file=str(path),
+                line=exc.lineno,
+                column=exc.colno,
+            )
             raise ConfigError([problem]) from exc
         if not isinstance(data, dict):
-            raise ConfigError([Problem(key="", message="the top level must be an object", file=str(path))])
+            raise ConfigError(
+                [Problem(key="", message="the top level must be an object", file=str(path))]
+            )
         return SourceDoc(path=path, data=data, lines={})
     if suffix != ".toml":
         raise ConfigError(
-            [Problem(key="", message=f"unsupported config file type '{path.suffix}'", file=str(path))],
+            [
+                Problem(
+                    key="", message=f"unsupported config file type '{path.suffix}'", file=str(path)
+                )
+            ],
             hint="use a .toml file (or .json for dataset blueprints)",
         )
     try:
@@ -135,6 +150,8 @@ def read_config_file(path: Path) -> SourceDoc:
         line = int(pos.group(1)) if pos else getattr(exc, "lineno", None)
         col = int(pos.group(2)) if pos else getattr(exc, "colno", None)
         clean = _TOML_POS.sub("", msg).replace("(at )", "").strip()
-        problem = Problem(key="", message=f"TOML syntax error: {clean}", file=str(path), line=line, column=col)
+        problem = Problem(
+            key="", message=f"TOML syntax error: {clean}", file=str(path), line=line, column=col
+        )
         raise ConfigError([problem], hint="fix the TOML syntax at the position shown") from exc
     return SourceDoc(path=path, data=data, lines=locate_keys(text))
