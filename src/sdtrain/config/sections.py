@@ -208,7 +208,7 @@ class TrainingSection(Section):
     )
     huber_c: float = Field(0.1, gt=0.0, description="huber c parameter")
     huber_scale: float = Field(
-        1.0, gt=0.0, description="huber c scale (not used by the snr schedule)"
+        1.0, gt=0.0, description="huber c scale, in every schedule (the reference skips snr)"
     )
     min_snr_gamma: float | None = Field(
         None, gt=0.0, description="Min-SNR weighting gamma (5 recommended)"
@@ -294,6 +294,10 @@ class SavingSection(Section):
     save_state: bool = Field(False, description="write a resumable state with every model save")
     save_state_on_train_end: bool = Field(False, description="write a resumable state at the end")
     resume: str | None = Field(None, description='state folder to continue from, or "auto"')
+    resume_allow_changes: list[str] = Field(
+        default_factory=list,
+        description='config keys (table.key, or "*") allowed to differ from the resumed state',
+    )
     metadata_title: str | None = Field(None, description="modelspec.title (default output_name)")
     metadata_author: str | None = Field(None, description="modelspec.author")
     metadata_description: str | None = Field(None, description="modelspec.description")

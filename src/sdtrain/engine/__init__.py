@@ -1,0 +1,1 @@
+"""The one training engine: loop, noise/loss recipe, optimizers, schedules, states, saving."""

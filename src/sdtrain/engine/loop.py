@@ -1,0 +1,501 @@
+"""The one training loop shared by every method: steps, accumulation, guards, saves, resume.
+
+Every random draw is derived from (seed, stream, counters) (sdtrain.seeds), and states are taken
+only at optimizer-step boundaries, so a resumed run is bit-identical to a straight one on CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from sdtrain.config.sections import (
+    LoggingSection,
+    OptimizerSection,
+    SavingSection,
+    TrainingSection,
+)
+from sdtrain.data.batch import Batch
+from sdtrain.data.steps import StepPlan
+from sdtrain.engine import naming
+from sdtrain.engine.state import Counters, LoadedState, StateParts, save_state
+from sdtrain.errors import Interrupted, TrainingError
+from sdtrain.methods.base import Method, SavePoint
+from sdtrain.models.bundle import ModelBundle
+from sdtrain.seeds import derive_seed
+
+logger = logging.getLogger(__name__)
+
+
+class TrainData(Protocol):
+    """What the loop needs from the dataset layer."""
+
+    batches_per_epoch: int
+
+    def iterate(self, epoch: int, start: int, step_of: Callable[[int], int]) -> Iterator[Batch]:
+        """Batches of `epoch` (1-based) from position `start` on, in the seeded epoch order."""
+        ...
+
+
+@dataclass
+class EngineSections:
+    """The config sections the engine reads (never the whole run config)."""
+
+    training: TrainingSection
+    optimizer: OptimizerSection
+    saving: SavingSection
+    logging: LoggingSection
+
+
+@dataclass
+class Hooks:
+    """Optional callbacks: sampling (kind, epoch, step) and extra save-point metadata."""
+
+    sample: Callable[[str, int, int], None] | None = None
+    save_metadata: Callable[[int, int], dict[str, str]] | None = None
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced."""
+
+    global_step: int
+    epoch: int
+    outputs: list[Path] = field(default_factory=list)
+    final_loss: float | None = None
+
+
+class Trainer:
+    """Drives a Method over TrainData with the recipe, optimizer, schedule and save policy."""
+
+    def __init__(
+        self,
+        method: Method,
+        bundle: ModelBundle,
+        data: TrainData,
+        steps: StepPlan,
+        sections: EngineSections,
+        output_dir: Path,
+        output_name: str | None,
+        seed: int,
+        run_config: dict[str, Any],
+        hooks: Hooks | None = None,
+        resume: LoadedState | None = None,
+        resume_hint: str = "",
+        no_half_vae: bool = False,
+    ) -> None:
+        self.method, self.bundle, self.data, self.steps = method, bundle, data, steps
+        self.sections = sections
+        self.output_dir = Path(output_dir)
+        self.output_name = output_name
+        self.seed = seed
+        self.run_config = run_config
+        self.hooks = hooks or Hooks()
+        self.resume = resume
+        self.resume_hint = resume_hint
+        self.no_half_vae = no_half_vae
+        self.outputs: list[Path] = []
+
+    # ----------------------------------------------------------------- setup
+    def _setup(self) -> None:
+        import torch
+
+        from sdtrain.engine.loss import LossRecipe
+        from sdtrain.engine.noise import NoiseRecipe
+        from sdtrain.engine.optim import build_optimizer
+        from sdtrain.engine.precision import apply_precision, precision_for
+        from sdtrain.engine.schedule import build_lr_scheduler
+        from sdtrain.engine.step import StepContext
+
+        training = self.sections.training
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.precision = precision_for(training, self.no_half_vae, self.device.type)
+        torch.manual_seed(derive_seed(self.seed, "init"))
+        self.groups = self.method.prepare(self.bundle)
+        bundle = self.bundle
+        apply_precision([bundle.unet, bundle.text_encoder], self.precision)
+        bundle.vae.to(self.device, dtype=self.precision.vae)
+        bundle.unet.to(self.device)
+        bundle.text_encoder.to(self.device)
+        bundle.vae.requires_grad_(False)
+        if training.gradient_checkpointing:
+            bundle.unet.enable_gradient_checkpointing()
+            if self.method.train_text_encoder():
+                bundle.text_encoder.gradient_checkpointing_enable()
+        self.params = [p for g in self.groups for p in g.params]
+        self.built = build_optimizer(self.groups, self.sections.optimizer)
+        self.optimizer = self.built.optimizer
+        self.scheduler = build_lr_scheduler(
+            self.optimizer, self.sections.optimizer, self.steps.total_steps
+        )
+        self.scaler = (
+            torch.amp.GradScaler("cuda") if self.precision.mixed_precision == "fp16" else None
+        )
+        noise = NoiseRecipe(training, bundle.noise_scheduler, bundle.family.is_v)
+        self.ctx = StepContext(
+            self.method, bundle, noise, LossRecipe(training, noise), self.precision, self.device
+        )
+
+    def _restore(self) -> Counters:
+        if self.resume is None:
+            return Counters(seed=self.seed)
+        state = self.resume
+        self.method.load_trainable_state(state.trainable)
+        self.optimizer.load_state_dict(state.optimizer)
+        self.scheduler.load_state_dict(state.scheduler)
+        if self.scaler is not None and state.scaler is not None:
+            self.scaler.load_state_dict(state.scaler)
+        state.restore_global_rng()
+        logger.info(
+            "resumed from %s at step %d (epoch %d, batch %d)",
+            state.folder,
+            state.counters.global_step,
+            state.counters.epoch,
+            state.counters.position,
+        )
+        return state.counters
+
+    # ----------------------------------------------------------------- saving
+    def _state_parts(self, counters: Counters, scheduler_state: dict | None = None) -> StateParts:
+        return StateParts(
+            counters=counters,
+            trainable=self.method.trainable_state(),
+            optimizer=self.optimizer.state_dict(),
+            scheduler=scheduler_state or self.scheduler.state_dict(),
+            scaler=self.scaler.state_dict() if self.scaler else None,
+            config=self.run_config,
+        )
+
+    def _save(self, stem: str, counters: Counters, with_state: bool, final: bool) -> None:
+        metadata = (
+            self.hooks.save_metadata(counters.global_step, counters.epoch)
+            if self.hooks.save_metadata
+            else {}
+        )
+        epoch_done = counters.epoch - 1 if counters.position == 0 else counters.epoch
+        point = SavePoint(self.output_dir, stem, epoch_done, counters.global_step, final, metadata)
+        with self._eval_mode():
+            self.outputs.extend(self.method.export(self.bundle, point))
+        if with_state:
+            folder = save_state(
+                self.output_dir / naming.state_dir_name(stem), self._state_parts(counters)
+            )
+            logger.info("state saved: %s", folder)
+
+    def _eval_mode(self):
+        import contextlib
+
+        opt = self.optimizer
+        if self.built.is_schedule_free and hasattr(opt, "eval"):
+
+            @contextlib.contextmanager
+            def switch():
+                opt.eval()
+                try:
+                    yield
+                finally:
+                    opt.train()
+
+            return switch()
+        return contextlib.nullcontext()
+
+    def _retention(self, kind: str, value: int) -> None:
+        saving = self.sections.saving
+        ext_files = list(self.outputs)
+        if kind == "epoch":
+            victim = naming.epoch_to_delete(
+                value, saving.save_every_n_epochs, saving.save_last_n_epochs
+            )
+            state_victim = naming.epoch_to_delete(
+                value,
+                saving.save_every_n_epochs,
+                saving.save_last_n_epochs_state or saving.save_last_n_epochs,
+            )
+            stem = naming.epoch_stem
+        else:
+            victim = naming.step_to_delete(
+                value, saving.save_every_n_steps, saving.save_last_n_steps
+            )
+            state_victim = naming.step_to_delete(
+                value,
+                saving.save_every_n_steps,
+                saving.save_last_n_steps_state or saving.save_last_n_steps,
+                is_state=True,
+            )
+            stem = naming.step_stem
+        if victim is not None:
+            old = stem(self.output_name, victim)
+            for path in ext_files:
+                if path.name.startswith(old + ".") or path.name == old:
+                    _remove(path)
+                    self.outputs.remove(path)
+        if state_victim is not None:
+            folder = self.output_dir / naming.state_dir_name(stem(self.output_name, state_victim))
+            if self.resume is None or folder.resolve() != self.resume.folder.resolve():
+                _remove(folder)
+
+    # ----------------------------------------------------------------- the loop
+    def run(self) -> TrainResult:
+        """Train to the planned step count; returns what was written."""
+        import torch
+
+        from sdtrain.engine.metrics import METRICS_FILE, MetricsLog, Trackers, truncate_metrics
+        from sdtrain.engine.stop import StopFlag
+        from sdtrain.log import progress
+
+        self._setup()
+        counters = self._restore()
+        steps, saving, training = self.steps, self.sections.saving, self.sections.training
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if self.resume is not None:
+            truncate_metrics(self.output_dir / METRICS_FILE, counters.global_step)
+        trackers = (
+            Trackers(self.sections.logging, "sdtrain", self.run_config)
+            if self.sections.logging.log_with or self.sections.logging.logging_dir
+            else None
+        )
+        metrics = MetricsLog(self.output_dir, trackers)
+        if self.hooks.sample and counters.global_step == 0 and self.resume is None:
+            self.hooks.sample("first", 0, 0)
+        last_loss: float | None = None
+        bad_run: list[str] = []  # image paths of consecutive non-finite steps
+        before_bad: tuple[Counters, dict] | None = None
+        smoothed = None
+        started = time.monotonic()
+        first_step = counters.global_step
+        try:
+            with StopFlag() as stop, progress() as bar:
+                task = bar.add_task(
+                    "training", total=steps.total_steps, completed=counters.global_step, info=""
+                )
+                while (
+                    counters.global_step < steps.total_steps and counters.epoch <= steps.num_epochs
+                ):
+                    window_losses: list[float] = []
+                    window_paths: list[str] = []
+                    window_bad = False
+                    position = counters.position
+                    for batch in self.data.iterate(
+                        counters.epoch, counters.position, self._step_of(counters.epoch)
+                    ):
+                        micro = position % steps.gradient_accumulation_steps
+                        generator = torch.Generator(device="cpu").manual_seed(
+                            derive_seed(self.seed, "noise", counters.global_step, micro)
+                        )
+                        torch.manual_seed(
+                            derive_seed(self.seed, "torch", counters.global_step, micro)
+                        )
+                        loss = self.ctx_loss(batch, generator)
+                        value = float(loss.detach())
+                        window_paths.extend(batch.paths)
+                        if math.isfinite(value):
+                            self._backward(loss / steps.gradient_accumulation_steps)
+                            window_losses.append(value)
+                        else:
+                            window_bad = True
+                        position += 1
+                        if not steps.step_ends_at(position - 1):
+                            continue
+                        sched_before = self.scheduler.state_dict()
+                        counters_before = Counters(
+                            **{**counters.__dict__, "position": counters.position}
+                        )
+                        finite = not window_bad and self._optimizer_step()
+                        self.optimizer.zero_grad(set_to_none=True)
+                        self.scheduler.step()
+                        counters.global_step += 1
+                        counters.position = position
+                        record: dict[str, Any] = {
+                            "step": counters.global_step,
+                            "epoch": counters.epoch,
+                        }
+                        if finite:
+                            bad_run, before_bad = [], None
+                            last_loss = sum(window_losses) / len(window_losses)
+                            record["loss"] = last_loss
+                            record.update(self.method.after_step(self.bundle))
+                        else:
+                            counters.nonfinite_skipped += 1
+                            if before_bad is None:
+                                before_bad = (counters_before, sched_before)
+                            bad_run.append(", ".join(window_paths))
+                            record["nonfinite"] = True
+                            record["images"] = window_paths
+                            logger.warning(
+                                "step %d: non-finite loss or gradient, update skipped (images: %s)",
+                                counters.global_step,
+                                ", ".join(window_paths),
+                            )
+                            if len(bad_run) >= training.max_nonfinite_steps:
+                                self._stop_nonfinite(before_bad, bad_run)
+                        for group, lr in zip(
+                            self.groups, self.scheduler.get_last_lr(), strict=False
+                        ):
+                            record[f"lr/{group.name}"] = lr
+                        metrics.write(record)
+                        if last_loss is not None:
+                            smoothed = (
+                                last_loss if smoothed is None else 0.9 * smoothed + 0.1 * last_loss
+                            )
+                        rate = (counters.global_step - first_step) / max(
+                            time.monotonic() - started, 1e-9
+                        )
+                        bar.update(
+                            task,
+                            completed=counters.global_step,
+                            info=(
+                                f"epoch {counters.epoch}/{steps.num_epochs} "
+                                f"loss {smoothed if smoothed is not None else float('nan'):.4f} "
+                                f"lr {self.scheduler.get_last_lr()[0]:.2e} {rate:.2f} it/s"
+                            ),
+                        )
+                        window_losses, window_paths, window_bad = [], [], False
+                        self._after_step_events(counters)
+                        if stop.requested:
+                            self._interrupt(counters, stop.requested)
+                        if counters.global_step >= steps.total_steps:
+                            break
+                    if (
+                        counters.global_step >= steps.total_steps
+                        and counters.position < steps.batches_per_epoch
+                    ):
+                        break
+                    self._end_epoch(counters)
+                    if stop.requested:
+                        self._interrupt(counters, stop.requested)
+                final = naming.final_stem(self.output_name)
+                self._save(
+                    final,
+                    counters,
+                    with_state=saving.save_state or saving.save_state_on_train_end,
+                    final=True,
+                )
+                if self.hooks.sample:
+                    self.hooks.sample("final", counters.epoch, counters.global_step)
+        finally:
+            metrics.close()
+        return TrainResult(counters.global_step, counters.epoch, list(self.outputs), last_loss)
+
+    def _step_of(self, epoch: int) -> Callable[[int], int]:
+        steps = self.steps
+        return lambda position: steps.steps_before(epoch, position)
+
+    def ctx_loss(self, batch: Batch, generator: Any) -> Any:
+        from sdtrain.engine.step import micro_step_loss
+
+        return micro_step_loss(self.ctx, batch, generator)
+
+    def _backward(self, loss: Any) -> None:
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+        else:
+            loss.backward()
+
+    def _optimizer_step(self) -> bool:
+        """Clip, check gradients, step. False (and no update) when gradients are not finite."""
+        import torch
+
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        max_norm = self.sections.training.max_grad_norm
+        params = [p for p in self.params if p.grad is not None]
+        if not params:
+            return True
+        if max_norm > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        else:
+            norm = torch.linalg.vector_norm(
+                torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params])
+            )
+        if not torch.isfinite(norm):
+            if self.scaler is not None:
+                self.scaler.update()
+            return False
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        return True
+
+    def _after_step_events(self, counters: Counters) -> None:
+        saving = self.sections.saving
+        step = counters.global_step
+        if (
+            saving.save_every_n_steps
+            and step % saving.save_every_n_steps == 0
+            and step < self.steps.total_steps
+        ):
+            self._save(
+                naming.step_stem(self.output_name, step),
+                counters,
+                with_state=saving.save_state,
+                final=False,
+            )
+            self._retention("step", step)
+        if self.hooks.sample:
+            self.hooks.sample("step", counters.epoch, step)
+
+    def _end_epoch(self, counters: Counters) -> None:
+        epoch = counters.epoch
+        counters.epoch += 1
+        counters.position = 0
+        saving = self.sections.saving
+        every = saving.save_every_n_epochs
+        if saving.save_n_epoch_ratio:
+            every = max(1, self.steps.num_epochs // saving.save_n_epoch_ratio)
+        if every and epoch % every == 0 and epoch < self.steps.num_epochs:
+            self._save(
+                naming.epoch_stem(self.output_name, epoch),
+                counters,
+                with_state=saving.save_state,
+                final=False,
+            )
+            self._retention("epoch", epoch)
+        if self.hooks.sample:
+            self.hooks.sample("epoch", epoch, counters.global_step)
+
+    def _interrupt(self, counters: Counters, signal_name: str) -> None:
+        stem = naming.step_stem(self.output_name, counters.global_step)
+        folder = save_state(
+            self.output_dir / naming.state_dir_name(stem), self._state_parts(counters)
+        )
+        raise Interrupted(
+            f"{signal_name}: stopped after step {counters.global_step}; state written to {folder}",
+            hint=f"resume with: {self.resume_hint} --resume {folder}".strip(),
+        )
+
+    def _stop_nonfinite(self, before: tuple[Counters, dict] | None, paths: list[str]) -> None:
+        assert before is not None
+        counters, scheduler_state = before
+        stem = naming.step_stem(self.output_name, counters.global_step)
+        folder = save_state(
+            self.output_dir / naming.state_dir_name(stem),
+            self._state_parts(counters, scheduler_state),
+        )
+        repeated = set.intersection(*(set(p.split(", ")) for p in paths)) if paths else set()
+        if repeated:
+            cause = f"the same image is in every bad batch: {', '.join(sorted(repeated))}"
+        elif self.precision.mixed_precision == "fp16":
+            cause = 'likely fp16 overflow: try mixed_precision = "bf16" or no_half_vae'
+        else:
+            cause = "likely a learning rate that is too high (or a corrupt image)"
+        raise TrainingError(
+            f"{len(paths)} consecutive steps had a non-finite loss or gradient; {cause}",
+            hint=f"a state from before the first bad step is at {folder}; fix the cause and "
+            f"resume with: {self.resume_hint} --resume {folder}".strip(),
+        )
+
+
+def _remove(path: Path) -> None:
+    import shutil
+
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)

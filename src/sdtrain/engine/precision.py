@@ -1,0 +1,66 @@
+"""Precision policy: frozen weights in the mixed-precision dtype, trainable parameters in fp32."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from sdtrain.config.sections import TrainingSection
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Dtypes for one run. `weight` = frozen weights; `trainable` = what the optimizer updates."""
+
+    mixed_precision: str  # "no" | "fp16" | "bf16"
+    weight: torch.dtype
+    trainable: torch.dtype
+    vae: torch.dtype
+
+    @property
+    def autocast(self) -> bool:
+        return self.mixed_precision != "no"
+
+
+def precision_for(section: TrainingSection, no_half_vae: bool, device_type: str) -> Precision:
+    """The precision policy of a run (fp16 on a CPU is refused: CPUs have no fast fp16 path)."""
+    import torch
+
+    from sdtrain.errors import ConfigError, Problem
+
+    mode = section.mixed_precision
+    if mode == "fp16" and device_type == "cpu":
+        raise ConfigError(
+            [
+                Problem(
+                    key="training.mixed_precision",
+                    value="fp16",
+                    has_value=True,
+                    message="fp16 training needs a GPU",
+                    hint='use mixed_precision = "bf16" on a CPU, or "no"',
+                )
+            ]
+        )
+    weight = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mode]
+    full = section.full_fp16 or section.full_bf16
+    return Precision(
+        mixed_precision=mode,
+        weight=weight,
+        trainable=weight if full else torch.float32,
+        vae=torch.float32 if no_half_vae or mode == "no" else weight,
+    )
+
+
+def apply_precision(modules: list[torch.nn.Module], precision: Precision) -> None:
+    """Cast frozen parameters to the weight dtype and trainable ones to the trainable dtype."""
+    for module in modules:
+        for param in module.parameters():
+            target = precision.trainable if param.requires_grad else precision.weight
+            if param.dtype != target:
+                param.data = param.data.to(target)
+        for name, buf in module.named_buffers():
+            if buf.is_floating_point() and buf.dtype != precision.weight and "alpha" not in name:
+                buf.data = buf.data.to(precision.weight)

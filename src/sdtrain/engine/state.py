@@ -1,0 +1,232 @@
+"""Resumable training states: folder layout, manifest with checksums, atomic replace, discovery.
+
+A state folder holds the trainable weights, optimizer, LR scheduler, grad scaler, counters, RNG
+states and the resolved config; `manifest.json` (sizes + SHA-256 of every file) is written last,
+so a state without a verifying manifest is incomplete and never resumed from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sdtrain.atomic import _fsync_dir, atomic_path, save_safetensors, save_torch, write_text
+from sdtrain.errors import TrainingError
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+COUNTERS = "train_state.json"
+CONFIG = "config.json"
+STATE_FORMAT = 1
+
+
+@dataclass
+class Counters:
+    """Where training stands: the next batch to run is (epoch, position)."""
+
+    global_step: int = 0  # optimizer steps done
+    epoch: int = 1  # 1-based epoch in progress
+    position: int = 0  # next batch position inside the epoch's batch order
+    seed: int = 0
+    nonfinite_skipped: int = 0  # total skipped steps so far (reported in metrics)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StateParts:
+    """Everything a state stores, as live objects' state dicts."""
+
+    counters: Counters
+    trainable: dict[str, Any]  # name -> tensor
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    scaler: dict[str, Any] | None
+    config: dict[str, Any]  # resolved config (JSON-able)
+
+
+def _rng_states() -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    np_state = np.random.get_state()
+    states: dict[str, Any] = {
+        "python": list(random.getstate()[1]),
+        "python_version": random.getstate()[0],
+        "python_gauss": random.getstate()[2],
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype("int64")),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "gauss": float(np_state[4]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _restore_rng(states: dict[str, Any]) -> None:
+    import numpy as np
+    import torch
+
+    random.setstate((states["python_version"], tuple(states["python"]), states["python_gauss"]))
+    n = states["numpy"]
+    np.random.set_state(
+        ("MT19937", n["keys"].numpy().astype("uint32"), n["pos"], n["has_gauss"], n["gauss"])
+    )
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_state(folder: Path, parts: StateParts) -> Path:
+    """Write a complete state to `folder`, replacing any previous one there atomically."""
+    folder = Path(folder)
+    parent = folder.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = parent / f".{folder.name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
+    tmp.mkdir()
+    try:
+        save_safetensors(tmp / "trainable.safetensors", parts.trainable)
+        save_torch(tmp / "optimizer.pt", parts.optimizer)
+        save_torch(tmp / "scheduler.pt", parts.scheduler)
+        if parts.scaler is not None:
+            save_torch(tmp / "scaler.pt", parts.scaler)
+        save_torch(tmp / "rng.pt", _rng_states())
+        write_text(tmp / COUNTERS, json.dumps(asdict(parts.counters), indent=2))
+        write_text(tmp / CONFIG, json.dumps(parts.config, indent=2, default=str))
+        files = {
+            p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
+            for p in sorted(tmp.iterdir())
+            if p.is_file()
+        }
+        manifest = {
+            "format": STATE_FORMAT,
+            "global_step": parts.counters.global_step,
+            "epoch": parts.counters.epoch,
+            "position": parts.counters.position,
+            "created": time.time(),
+            "files": files,
+        }
+        with atomic_path(tmp / MANIFEST) as path:
+            path.write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+        _fsync_dir(tmp)
+        old = None
+        if folder.exists():
+            old = parent / f".{folder.name}.old-{os.getpid()}-{time.monotonic_ns()}"
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        _fsync_dir(parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def verify_state(folder: Path) -> str | None:
+    """None when the state's manifest verifies, else the reason it cannot be used."""
+    manifest_path = Path(folder) / MANIFEST
+    if not manifest_path.is_file():
+        return "no manifest (the save did not finish)"
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        return f"unreadable manifest ({exc})"
+    for name, info in manifest.get("files", {}).items():
+        path = Path(folder) / name
+        if not path.is_file():
+            return f"missing file {name}"
+        if path.stat().st_size != info["size"]:
+            return f"{name} has the wrong size (truncated?)"
+        if _sha256(path) != info["sha256"]:
+            return f"{name} fails its checksum"
+    return None
+
+
+def find_latest_state(output_dir: Path) -> Path | None:
+    """The newest state folder under `output_dir` whose manifest verifies; bad ones are named."""
+    best: tuple[int, float, Path] | None = None
+    for folder in sorted(Path(output_dir).glob("*-state")):
+        if not folder.is_dir() or folder.name.startswith("."):
+            continue
+        problem = verify_state(folder)
+        if problem:
+            logger.warning("skipping state %s: %s", folder, problem)
+            continue
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+        rank = (int(manifest["global_step"]), float(manifest["created"]), folder)
+        if best is None or rank[:2] > best[:2]:
+            best = rank
+    return best[2] if best else None
+
+
+@dataclass
+class LoadedState:
+    """A verified state read back from disk."""
+
+    folder: Path
+    counters: Counters
+    trainable: dict[str, Any]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    scaler: dict[str, Any] | None
+    config: dict[str, Any]
+    rng: dict[str, Any]
+
+    def restore_global_rng(self) -> None:
+        """Put Python/NumPy/torch global RNGs back where they were at save time."""
+        _restore_rng(self.rng)
+
+
+def load_state(folder: Path) -> LoadedState:
+    """Read a state folder after verifying its manifest (TrainingError if it does not verify)."""
+    import torch
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise TrainingError(
+            f"resume state not found: {folder}",
+            hint='check the path, or use resume = "auto" to pick the newest state',
+        )
+    problem = verify_state(folder)
+    if problem:
+        raise TrainingError(
+            f"cannot resume from {folder}: {problem}",
+            hint='use resume = "auto" to pick the newest complete state',
+        )
+
+    def load(name: str) -> Any:
+        return torch.load(folder / name, map_location="cpu", weights_only=True)
+
+    counters = Counters(**json.loads((folder / COUNTERS).read_text(encoding="utf-8")))
+    return LoadedState(
+        folder=folder,
+        counters=counters,
+        trainable=load_file(str(folder / "trainable.safetensors")),
+        optimizer=load("optimizer.pt"),
+        scheduler=load("scheduler.pt"),
+        scaler=load("scaler.pt") if (folder / "scaler.pt").exists() else None,
+        config=json.loads((folder / CONFIG).read_text(encoding="utf-8")),
+        rng=load("rng.pt"),
+    )

@@ -1,0 +1,75 @@
+"""One micro-batch: latents -> noise -> UNet prediction -> recipe loss (pure compute)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from sdtrain.data.batch import Batch
+    from sdtrain.engine.loss import LossRecipe
+    from sdtrain.engine.noise import NoiseRecipe
+    from sdtrain.engine.precision import Precision
+    from sdtrain.methods.base import Method
+    from sdtrain.models.bundle import ModelBundle
+
+
+@dataclass
+class StepContext:
+    """What a micro-step needs besides the batch; built once per run."""
+
+    method: Method
+    bundle: ModelBundle
+    noise: NoiseRecipe
+    loss: LossRecipe
+    precision: Precision
+    device: torch.device
+
+
+def encode_latents(ctx: StepContext, batch: Batch, generator: torch.Generator) -> torch.Tensor:
+    """Scaled latents (B, 4, H/8, W/8): from the cache, or VAE-encoded now (no gradients)."""
+    import torch
+
+    scale = ctx.bundle.family.latent_scale
+    if batch.latents is not None:
+        return batch.latents.to(ctx.device, dtype=torch.float32) * scale
+    assert batch.pixels is not None, "a batch carries pixels or cached latents"
+    vae = ctx.bundle.vae
+    with torch.no_grad():
+        pixels = batch.pixels.to(ctx.device, dtype=ctx.precision.vae)
+        dist = vae.encode(pixels).latent_dist
+        latents = dist.sample(generator=generator).float()
+    latents = torch.nan_to_num(latents, nan=0.0)
+    return latents * scale
+
+
+def micro_step_loss(ctx: StepContext, batch: Batch, generator: torch.Generator) -> torch.Tensor:
+    """The recipe loss of one micro-batch (a 0-d fp32 tensor with a graph to the trainables)."""
+    import torch
+
+    latents = encode_latents(ctx, batch, generator)
+    noise = ctx.noise.sample_noise(latents, generator)
+    timesteps = ctx.noise.sample_timesteps(latents.shape[0], generator).to(ctx.device)
+    noisy = ctx.noise.noisy_latents(latents, noise, timesteps, generator)
+    target = ctx.noise.target(latents, noise, timesteps)
+    weights = ctx.method.loss_weights(batch)
+    mask = batch.alpha_masks.to(ctx.device) if batch.alpha_masks is not None else None
+    with torch.autocast(
+        ctx.device.type, dtype=ctx.precision.weight, enabled=ctx.precision.autocast
+    ):
+        cond = ctx.method.condition(ctx.bundle, batch)
+        pred = ctx.bundle.unet(
+            noisy.to(ctx.precision.weight if ctx.precision.autocast else torch.float32),
+            timesteps,
+            cond,
+        ).sample
+    loss, _ = ctx.loss.compute(
+        pred.float(),
+        target.float(),
+        timesteps,
+        loss_weights=None if weights is None else weights.to(ctx.device),
+        mask=mask,
+    )
+    return loss
