@@ -113,7 +113,7 @@ def test_bucket_pipeline_gives_exact_bucket_size(tmp_path):
         spec = TransformSpec(bucket=choice.bucket, resized=choice.resized)
         prepared = prepare_pixels(path, spec, random.Random(0))
         assert tuple(prepared.pixels.shape) == (3, choice.bucket[1], choice.bucket[0])
-        assert prepared.mask is None and prepared.flipped is False
+        assert prepared.mask is None
 
 
 def test_interpolation_names_and_default_choice():
@@ -147,16 +147,16 @@ def test_flip_and_alpha_mask_follow_the_image(tmp_path):
     rgba[..., :3] = gradient(64, 64)
     rgba[:, :16, 3] = 255  # left quarter opaque
     path = save(tmp_path / "m.png", rgba)
-    spec = TransformSpec(bucket=(64, 64), resized=(64, 64), flip=True, alpha_mask=True)
-    results = [prepare_pixels(path, spec, random.Random(s)) for s in range(12)]
-    assert {r.flipped for r in results} == {True, False}
-    for r in results:
-        assert r.mask.shape == (64, 64) and r.mask.dtype == np.float32
-        opaque_side = r.mask[:, 48:] if r.flipped else r.mask[:, :16]
-        assert opaque_side.min() == 1.0 and r.mask.sum() == 64 * 16
-        red = r.pixels[0]  # column index, scaled to [-1, 1]
-        expected_first = 63 if r.flipped else 0
+    for flipped in (False, True):
+        spec = TransformSpec(bucket=(64, 64), resized=(64, 64), flip=flipped, alpha_mask=True)
+        pixels, mask, box = prepare_pixels(path, spec, random.Random(0))
+        assert mask.shape == (64, 64) and mask.dtype == np.float32
+        opaque_side = mask[:, 48:] if flipped else mask[:, :16]
+        assert opaque_side.min() == 1.0 and mask.sum() == 64 * 16
+        red = pixels[0]  # column index, scaled to [-1, 1]
+        expected_first = 63 if flipped else 0
         assert red[0, 0].item() == pytest.approx(expected_first / 255 * 2 - 1)
+        assert box == (0, 0, 64, 64)
     rgb_path = save(tmp_path / "rgb.png", gradient(8, 8))
     assert alpha_mask(load_image(rgb_path, True)).min() == 1.0
 

@@ -2,8 +2,8 @@
 
 Follows the reference's `trim_and_resize_if_required` / `crop_target` / augmentations (§4.4,
 §4.5, §4.8) with PIL instead of OpenCV. All randomness comes from the `random.Random` passed in,
-drawn in the reference's order (flip decision, crop offsets, colour augmentation), so a sample's
-pixels are a pure function of its seed. torch is imported only by `to_tensor`/`prepare_pixels`.
+drawn in the reference's order (the caller's flip decision, crop offsets, colour augmentation),
+so a sample's pixels are a pure function of its seed. Only `to_tensor` imports torch.
 """
 
 from __future__ import annotations
@@ -49,7 +49,9 @@ class TransformSpec:
 
     `face_crop_range` = the subset's `face_crop_aug_range` (lo, hi); like the reference, the plan
     sets it only for non-bucketed datasets, and it acts only on files named `name_cx_cy_w_h`.
-    `flip` = flip_aug (mirror with probability 0.5); `color_aug` = the weak hue/gamma jitter.
+    `flip` = mirror this sample: the caller decides it (flip_aug: `rng.random() < 0.5`, drawn
+    first, as in the reference) so that latent caches can hold both versions deterministically.
+    `color_aug` = the weak hue/gamma jitter.
     """
 
     bucket: Size
@@ -66,13 +68,12 @@ class PreparedPixels(NamedTuple):
     """One sample ready for the batch.
 
     pixels: (3, H, W) float32 in [-1, 1]; mask: (H, W) float32 in [0, 1] or None;
-    crop_ltrb: the reference's (unflipped) crop box; flipped: whether the pixels were mirrored.
+    crop_ltrb: the reference's crop box, not mirrored (the batch carries the flip separately).
     """
 
     pixels: torch.Tensor
     mask: np.ndarray | None
     crop_ltrb: Box
-    flipped: bool
 
 
 def _to_8bit_gray(image: Image.Image) -> Image.Image:
@@ -261,12 +262,11 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
 def prepare_pixels(path: Path, spec: TransformSpec, rng: random.Random) -> PreparedPixels:
     """Load one training image and turn it into pixels exactly as `spec` says.
 
-    Order (and order of random draws) as in the reference: flip decision, load, face crop or
-    resize + crop (centre, or random offsets), colour jitter, flip, alpha mask, tensor.
+    Order (and order of random draws) as in the reference: load, face crop or resize + crop
+    (centre, or random offsets), colour jitter, mirror when `spec.flip`, alpha mask, tensor.
     `crop_ltrb` is computed from the loaded (upright) size; a face crop fills the whole bucket,
     so its box is (0, 0, W, H) (the reference stored zeros).
     """
-    flipped = spec.flip and rng.random() < 0.5
     image = load_image(path, with_alpha=spec.alpha_mask)
     face = face_from_name(path) if spec.face_crop_range is not None else None
     if face is not None and spec.face_crop_range is not None:
@@ -278,7 +278,7 @@ def prepare_pixels(path: Path, spec: TransformSpec, rng: random.Random) -> Prepa
         image = resize_and_crop(image, spec.resized, spec.bucket, spec.interpolation, offsets)
     if spec.color_aug:
         image = color_aug(image, rng)
-    if flipped:
+    if spec.flip:
         image = flip(image)
     mask = alpha_mask(image) if spec.alpha_mask else None
-    return PreparedPixels(to_tensor(image), mask, box, flipped)
+    return PreparedPixels(to_tensor(image), mask, box)
