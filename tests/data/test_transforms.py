@@ -54,6 +54,13 @@ def test_load_image_rgb_and_rgba(tmp_path):
     assert np.asarray(load_image(path, False))[0, 0].tolist() == [200, 0, 0]
     gray = save(tmp_path / "g.png", np.full((3, 5), 9, np.uint8))
     assert load_image(gray, with_alpha=True).mode == "RGBA"
+    palette = Image.fromarray(np.array([[0, 1]], np.uint8), "P")
+    palette.putpalette([10, 20, 30, 40, 50, 60])
+    palette.save(tmp_path / "p.png", transparency=0)
+    assert np.asarray(load_image(tmp_path / "p.png", True)).tolist() == [
+        [[10, 20, 30, 0], [40, 50, 60, 255]]
+    ]
+    assert np.asarray(load_image(tmp_path / "p.png", False))[0, 1].tolist() == [40, 50, 60]
 
 
 def test_load_image_scales_16_bit_greyscale(tmp_path):

@@ -97,6 +97,8 @@ def load_image(path: Path, with_alpha: bool) -> Image.Image:
             image = ImageOps.exif_transpose(opened)
             if image.mode in ("I", "F") or image.mode.startswith("I;16"):
                 image = _to_8bit_gray(image)
+            elif image.mode == "P" and "transparency" in image.info:
+                image = image.convert("RGBA")  # PIL warns on palette -> RGB with transparency
             image = image.convert("RGBA" if with_alpha else "RGB")
     except _BAD_IMAGE_ERRORS as exc:
         raise DataError(
