@@ -131,7 +131,7 @@ class TrainDataset:
                 keys.append(key)
                 crop = entry.crop_ltrb
             else:
-                tensor, mask, crop = self._pixels(subset, entry, flip, rng)
+                tensor, mask, crop = self._pixels(dataset, subset, entry, flip, rng)
                 pixels.append(tensor)
                 if mask is not None:
                     masks.append(torch.as_tensor(mask))
@@ -160,11 +160,12 @@ class TrainDataset:
         )
 
     def _pixels(
-        self, subset: SubsetPlan, entry: ImageEntry, flip: bool, rng: random.Random
+        self, dataset: int, subset: SubsetPlan, entry: ImageEntry, flip: bool, rng: random.Random
     ) -> tuple[Any, Any, tuple[int, int, int, int]]:
         from sdtrain.data.transforms import prepare_pixels
 
-        return prepare_pixels(entry.path, transform_spec(subset, entry, flip), rng)
+        bucketed = bool(self.datasets[dataset].params.get("enable_bucket"))
+        return prepare_pixels(entry.path, transform_spec(subset, entry, flip, bucketed), rng)
 
     def iterate(self, epoch: int, start: int, step_of: Callable[[int], int]) -> Iterator[Batch]:
         """Batches of `epoch` from position `start`, loaded in worker processes if configured.
@@ -195,8 +196,11 @@ class TrainDataset:
         yield from self._loader
 
 
-def transform_spec(subset: SubsetPlan, entry: ImageEntry, flip: bool) -> Any:
-    """The pixel pipeline settings of one image (bucket geometry from the plan)."""
+def transform_spec(subset: SubsetPlan, entry: ImageEntry, flip: bool, bucketed: bool) -> Any:
+    """The pixel pipeline settings of one image (bucket geometry from the plan).
+
+    Face-crop augmentation applies only without bucketing, as in the reference (§4.5).
+    """
     from sdtrain.data.transforms import TransformSpec
 
     params = subset.params
@@ -208,7 +212,7 @@ def transform_spec(subset: SubsetPlan, entry: ImageEntry, flip: bool) -> Any:
         flip=flip,
         color_aug=bool(params.get("color_aug")),
         alpha_mask=bool(params.get("alpha_mask")),
-        face_crop_range=params.get("face_crop_aug_range"),
+        face_crop_range=None if bucketed else params.get("face_crop_aug_range"),
     )
 
 

@@ -42,6 +42,9 @@ def uncacheable_subsets(datasets: list[DatasetPlan]) -> list[str]:
     for plan in datasets:
         for subset in plan.subsets:
             flags = [k for k in ("random_crop", "color_aug") if subset.params.get(k)]
+            face = subset.params.get("face_crop_aug_range")
+            if face and not plan.params.get("enable_bucket") and face[0] != face[1]:
+                flags.append("face_crop_aug_range")
             if flags:
                 where = subset.image_dir or subset.metadata_file
                 found.append(
@@ -65,6 +68,7 @@ def plan_keys(datasets: list[DatasetPlan], vae_id: str, dtype: str) -> dict[tupl
     jobs: dict[tuple, tuple] = {}
     digests: dict[str, str] = {}
     for d_index, plan in enumerate(datasets):
+        bucketed = bool(plan.params.get("enable_bucket"))
         for s_index, subset in enumerate(plan.subsets):
             flips = (False, True) if subset.params.get("flip_aug") else (False,)
             for i_index, entry in enumerate(subset.images):
@@ -80,7 +84,7 @@ def plan_keys(datasets: list[DatasetPlan], vae_id: str, dtype: str) -> dict[tupl
                             hint="fix or remove the file, then run again",
                         ) from exc
                 for flip in flips:
-                    spec = transform_spec(subset, entry, flip)
+                    spec = transform_spec(subset, entry, flip, bucketed)
                     left = (entry.resized_size[0] - entry.bucket[0]) // 2
                     top = (entry.resized_size[1] - entry.bucket[1]) // 2
                     recipe = LatentRecipe(
