@@ -1,0 +1,147 @@
+"""Load a diffusers-format model folder (unet/, vae/, text_encoder/, scheduler/) offline."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from sdtrain.errors import ModelLoadError
+from sdtrain.models.assemble import assemble_bundle
+from sdtrain.models.bundle import ModelBundle, ModelSource
+from sdtrain.models.families import Prediction, family_from_hidden_act, family_spec
+
+log = logging.getLogger(__name__)
+
+COMPONENTS = ("unet", "vae", "text_encoder")
+
+
+def is_diffusers_folder(path: Path) -> bool:
+    """True when `path` looks like a diffusers pipeline folder."""
+    return path.is_dir() and ((path / "model_index.json").is_file() or (path / "unet").is_dir())
+
+
+def _check_loading_info(info: dict, what: str, folder: Path) -> None:
+    missing = sorted(info.get("missing_keys") or [])
+    mismatched = info.get("mismatched_keys") or []
+    if missing or mismatched:
+        shown = ", ".join(missing[:8]) + (
+            f" (+{len(missing) - 8} more)" if len(missing) > 8 else ""
+        )
+        detail = f"missing weights: {shown}" if missing else f"shape mismatches: {mismatched[:4]}"
+        raise ModelLoadError(
+            f"the {what} in {folder} is incomplete ({detail})",
+            hint="the folder is damaged or not an SD 1.x/2.x model; re-export or re-download it",
+        )
+
+
+def _load_component(folder: Path, name: str, dtype: object | None):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+    from transformers.utils import logging as hf_logging
+
+    classes = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel}
+    sub = folder / name
+    if not (sub / "config.json").is_file():
+        raise ModelLoadError(
+            f"{folder} has no {name}/config.json",
+            hint="a diffusers model folder needs unet/, vae/ and text_encoder/ subfolders",
+        )
+    kwargs = {"local_files_only": True, "output_loading_info": True}
+    if dtype is not None:
+        kwargs["torch_dtype"] = dtype
+    hf_logging.disable_progress_bar()
+    try:
+        model, info = classes[name].from_pretrained(str(sub), **kwargs)
+    except ModelLoadError:
+        raise
+    except Exception as error:  # diffusers/transformers/safetensors raise many kinds
+        raise ModelLoadError(
+            f"cannot load the {name} from {sub}: {error}",
+            hint="check that the folder is complete (weights not truncated) and is an SD 1.x/2.x "
+            "diffusers model",
+        ) from error
+    _check_loading_info(info, name, folder)
+    return model.eval()
+
+
+def folder_prediction_type(folder: Path) -> Prediction | None:
+    """prediction_type from scheduler/scheduler_config.json, None if absent."""
+    config = folder / "scheduler" / "scheduler_config.json"
+    if not config.is_file():
+        return None
+    try:
+        value = json.loads(config.read_text(encoding="utf-8")).get("prediction_type")
+    except (OSError, ValueError):
+        return None
+    return value if value in ("epsilon", "v_prediction") else None
+
+
+def load_diffusers_folder(
+    folder: Path,
+    source: ModelSource,
+    *,
+    tokenizer_cache_dir: str | None = None,
+    prediction_type: Prediction | None = None,
+    v2: bool | None = None,
+    dtype: object | None = None,
+) -> ModelBundle:
+    """Load unet/vae/text_encoder of a diffusers folder; family from the text encoder.
+
+    sd1 vs sd2 comes from the text encoder (quick_gelu = OpenAI CLIP, gelu = OpenCLIP), checked
+    against the UNet's cross-attention width; `v2` contradicting it raises ModelLoadError. The
+    prediction type is `prediction_type` if given, else the folder's scheduler config, else the
+    family default. The tokenizer is the bundled one (the reference never read it from the model).
+    """
+    folder = Path(folder)
+    if not is_diffusers_folder(folder):
+        raise ModelLoadError(
+            f"{folder} is not a diffusers model folder (no model_index.json or unet/)",
+            hint="point pretrained_model_name_or_path at a .safetensors/.ckpt file or a diffusers "
+            "folder",
+        )
+    unet = _load_component(folder, "unet", dtype)
+    vae = _load_component(folder, "vae", dtype)
+    text_encoder = _load_component(folder, "text_encoder", dtype)
+    family = family_from_hidden_act(str(text_encoder.config.hidden_act))
+    if family is None:
+        raise ModelLoadError(
+            f"the text encoder in {folder} uses {text_encoder.config.hidden_act!r}, neither "
+            "SD1's CLIP (quick_gelu) nor SD2's OpenCLIP (gelu)",
+            hint="only SD 1.x / 2.x models are supported",
+        )
+    if int(unet.config.cross_attention_dim) != int(text_encoder.config.hidden_size):
+        raise ModelLoadError(
+            f"{folder}: UNet cross-attention width {unet.config.cross_attention_dim} differs from "
+            f"the text encoder width {text_encoder.config.hidden_size}",
+            hint="the folder mixes parts of different models",
+        )
+    check_v2_flag(v2, family, str(folder))
+    chosen = (
+        prediction_type or folder_prediction_type(folder) or family_spec(family).default_prediction
+    )
+    source.path = source.path or str(folder)
+    return assemble_bundle(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        family=family,
+        prediction_type=chosen,
+        source=source,
+        tokenizer_cache_dir=tokenizer_cache_dir,
+    )
+
+
+def check_v2_flag(v2: bool | None, family: str, where: str) -> None:
+    """Raise when the user's `v2` flag contradicts the family found in the weights."""
+    if v2 is None:
+        return
+    wanted = "sd2" if v2 else "sd1"
+    if wanted != family:
+        found = (
+            "SD 2.x (OpenCLIP text encoder)" if family == "sd2" else "SD 1.x (CLIP text encoder)"
+        )
+        raise ModelLoadError(
+            f"v2 = {str(v2).lower()} but {where} is an {found} model",
+            hint="remove the v2 setting (it is detected from the weights) or pick the right model",
+        )
