@@ -10,7 +10,10 @@ import importlib
 import typer
 
 # (group name, module, help)
-GROUPS: list[tuple[str, str, str]] = []
+GROUPS: list[tuple[str, str, str]] = [
+    ("caption", "sdtrain.cli.caption", "Caption or tag images (BLIP, WD14)."),
+    ("metadata", "sdtrain.cli.metadata", "Build and clean fine-tune metadata JSON."),
+]
 
 
 def lazy(module_path: str) -> typer.Typer:

@@ -1,0 +1,1 @@
+"""Data-preparation tools behind the CLI: captioning, tagging, metadata JSON, latent caches."""
