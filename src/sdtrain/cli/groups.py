@@ -13,6 +13,7 @@ import typer
 GROUPS: list[tuple[str, str, str]] = [
     ("caption", "sdtrain.cli.caption", "Caption or tag images (BLIP, WD14)."),
     ("metadata", "sdtrain.cli.metadata", "Build and clean fine-tune metadata JSON."),
+    ("dataset", "sdtrain.cli.dataset", "Inspect datasets before training."),
 ]
 
 

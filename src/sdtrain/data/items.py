@@ -24,6 +24,7 @@ class ImageEntry:
     subset_index: int = 0
     has_caption_file: bool = True
     exif_transpose: bool = False  # the file carries an EXIF rotation that loading applies
+    ar_error: float = 0.0  # bucket aspect - image aspect (reference mean_img_ar_error input)
 
 
 @dataclass
@@ -47,6 +48,23 @@ class SubsetPlan:
     origins: dict[str, str]  # key -> where its value came from
     images: list[ImageEntry] = field(default_factory=list)
     missing_captions: int = 0
+    label: str = ""  # "datasets[0].subsets[1]"
+    tag_frequency_key: str = ""  # image folder name (DreamBooth) or metadata file name
+    tag_frequency: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def num_samples(self) -> int:
+        """Samples per epoch from this subset (images x repeats, after reg balancing)."""
+        return sum(image.num_repeats for image in self.images)
+
+
+@dataclass
+class BucketStat:
+    """One bucket of a dataset: its resolution, samples per epoch (with repeats), batches."""
+
+    resolution: Size
+    samples: int
+    batches: int
 
 
 @dataclass
@@ -59,3 +77,27 @@ class DatasetPlan:
     origins: dict[str, str]
     subsets: list[SubsetPlan] = field(default_factory=list)
     invalid: list[InvalidImage] = field(default_factory=list)
+    bucket_resolutions: list[Size] = field(default_factory=list)  # predefined; [] = no_upscale
+    buckets: list[BucketStat] = field(default_factory=list)  # used buckets, sorted
+    skipped: list[str] = field(default_factory=list)  # why subsets were left out
+    warnings: list[str] = field(default_factory=list)
+    num_reg_images_requested: int = 0  # reg samples before balancing (reference "num reg images")
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.params["batch_size"])  # type: ignore[call-overload]
+
+    @property
+    def num_train_images(self) -> int:
+        """Training samples per epoch (images x repeats)."""
+        return sum(s.num_samples for s in self.subsets if not s.is_reg)
+
+    @property
+    def num_reg_images(self) -> int:
+        """Regularization samples per epoch, after balancing."""
+        return sum(s.num_samples for s in self.subsets if s.is_reg)
+
+    @property
+    def batches(self) -> int:
+        """Batches per epoch of this dataset: sum over buckets of ceil(samples / batch_size)."""
+        return sum(b.batches for b in self.buckets)

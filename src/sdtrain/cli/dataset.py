@@ -1,0 +1,62 @@
+"""`sdtrain dataset plan`: show what training would see, without importing torch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from sdtrain.cli.options import CONFIG_COMMAND
+
+app = typer.Typer(no_args_is_help=True, help="Inspect datasets before training.")
+
+
+@app.command("plan", context_settings=CONFIG_COMMAND)
+def plan(
+    ctx: typer.Context,
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON on stdout."),
+    preview: Path | None = typer.Option(
+        None, "--preview", help="Write per-bucket contact sheets + index.html into this folder."
+    ),
+    help_config: bool = typer.Option(
+        False, "--help-config", "--help_config", help="List every configuration key and exit."
+    ),
+) -> None:
+    """Plan the datasets of RUN.toml (or of a bare dataset blueprint .toml).
+
+    Usage: sdtrain dataset plan RUN_OR_BLUEPRINT.toml [--resolution 512 --train_batch_size 4
+    --max_train_steps N --gradient_accumulation_steps N ...] [--json] [--preview DIR]
+
+    Shows images, repeats, captions found/missing, regularization balance, buckets, invalid
+    images, where each effective value came from, and the epoch/step totals. Any run key can be
+    given as --key value.
+    """
+    from sdtrain.log import out
+
+    if help_config:
+        from sdtrain.cli.options import print_help_config
+
+        print_help_config("plan")
+        raise typer.Exit()
+    from sdtrain.config.loader import load_run_config
+    from sdtrain.data.plan import plan_for_run
+
+    loaded = load_run_config(list(ctx.args), "plan", require_file=True)
+    result = plan_for_run(loaded, "plan")
+    if as_json:
+        import json
+
+        typer.echo(json.dumps(result.to_json(), indent=2, ensure_ascii=False))
+    else:
+        import logging
+
+        from sdtrain.cli.plan_view import render_plan
+
+        verbose = logging.getLogger("sdtrain").getEffectiveLevel() <= logging.DEBUG
+        render_plan(out, result, verbose=verbose)
+    if preview is not None:
+        from sdtrain.data.preview import write_preview
+
+        seed = loaded.config.training.seed or 0
+        page = write_preview(result, preview, seed)
+        typer.echo(f"preview written: {page}", err=as_json)
