@@ -14,6 +14,7 @@ GROUPS: list[tuple[str, str, str]] = [
     ("caption", "sdtrain.cli.caption", "Caption or tag images (BLIP, WD14)."),
     ("metadata", "sdtrain.cli.metadata", "Build and clean fine-tune metadata JSON."),
     ("dataset", "sdtrain.cli.dataset", "Inspect datasets before training."),
+    ("generate", "sdtrain.cli.generate", "Generate images from a model, LoRAs and embeddings."),
 ]
 
 
