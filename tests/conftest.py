@@ -10,8 +10,16 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("DIFFUSERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "disabled")
+# one intra-op thread per test process: `pytest -n 2` then uses both cores without oversubscription
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache_dir(tmp_path_factory):
+    """Latent caches of tests never land in the user's ~/.cache."""
+    os.environ["SDTRAIN_CACHE_DIR"] = str(tmp_path_factory.mktemp("sdtrain-cache"))
 
 
 @pytest.fixture

@@ -174,6 +174,9 @@ class TrainingSection(Section):
     )
     cache_latents: bool = Field(False, description="VAE-encode every image once, keep in memory")
     cache_latents_to_disk: bool = Field(False, description="content-addressed latent cache on disk")
+    latent_cache_dir: str | None = path_field(
+        None, "folder of the content-addressed latent cache (default ~/.cache/sdtrain/latents)"
+    )
     vae_batch_size: int = Field(1, ge=1, description="images per VAE encode batch while caching")
     max_data_loader_n_workers: int = Field(
         8, ge=0, description="data-loader worker processes (capped at CPUs)"

@@ -23,6 +23,7 @@ from sdtrain.config.sections import (
 from sdtrain.data.batch import Batch
 from sdtrain.data.steps import StepPlan
 from sdtrain.engine import naming
+from sdtrain.engine.metrics import Trackers
 from sdtrain.engine.state import Counters, LoadedState, StateParts, save_state
 from sdtrain.errors import Interrupted, TrainingError
 from sdtrain.methods.base import Method, SavePoint
@@ -88,6 +89,7 @@ class Trainer:
         resume: LoadedState | None = None,
         resume_hint: str = "",
         no_half_vae: bool = False,
+        trackers: Trackers | None = None,
     ) -> None:
         self.method, self.bundle, self.data, self.steps = method, bundle, data, steps
         self.sections = sections
@@ -99,6 +101,7 @@ class Trainer:
         self.resume = resume
         self.resume_hint = resume_hint
         self.no_half_vae = no_half_vae
+        self.trackers = trackers
         self.outputs: list[Path] = []
 
     # ----------------------------------------------------------------- setup
@@ -119,9 +122,10 @@ class Trainer:
         self.groups = self.method.prepare(self.bundle)
         bundle = self.bundle
         apply_precision([bundle.unet, bundle.text_encoder], self.precision)
-        bundle.vae.to(self.device, dtype=self.precision.vae)
-        bundle.unet.to(self.device)
-        bundle.text_encoder.to(self.device)
+        # plain nn.Module.to: diffusers' own .to() warns about fp32-pinned modules we manage
+        torch.nn.Module.to(bundle.vae, self.device, dtype=self.precision.vae)
+        torch.nn.Module.to(bundle.unet, self.device)
+        torch.nn.Module.to(bundle.text_encoder, self.device)
         bundle.vae.requires_grad_(False)
         if training.gradient_checkpointing:
             bundle.unet.enable_gradient_checkpointing()
@@ -244,7 +248,7 @@ class Trainer:
         """Train to the planned step count; returns what was written."""
         import torch
 
-        from sdtrain.engine.metrics import METRICS_FILE, MetricsLog, Trackers, truncate_metrics
+        from sdtrain.engine.metrics import METRICS_FILE, MetricsLog, truncate_metrics
         from sdtrain.engine.stop import StopFlag
         from sdtrain.log import progress
 
@@ -254,12 +258,7 @@ class Trainer:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if self.resume is not None:
             truncate_metrics(self.output_dir / METRICS_FILE, counters.global_step)
-        trackers = (
-            Trackers(self.sections.logging, "sdtrain", self.run_config)
-            if self.sections.logging.log_with or self.sections.logging.logging_dir
-            else None
-        )
-        metrics = MetricsLog(self.output_dir, trackers)
+        metrics = MetricsLog(self.output_dir, self.trackers)
         if self.hooks.sample and counters.global_step == 0 and self.resume is None:
             self.hooks.sample("first", 0, 0)
         last_loss: float | None = None

@@ -198,6 +198,11 @@ class LoadedState:
         _restore_rng(self.rng)
 
 
+def load_counters(folder: Path) -> Counters:
+    """Just the counters (seed, step, epoch) of a state folder, without loading tensors."""
+    return Counters(**json.loads((Path(folder) / COUNTERS).read_text(encoding="utf-8")))
+
+
 def load_state(folder: Path) -> LoadedState:
     """Read a state folder after verifying its manifest (TrainingError if it does not verify)."""
     import torch

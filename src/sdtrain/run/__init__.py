@@ -1,0 +1,1 @@
+"""Composition root: config -> plan -> bundle -> method -> engine. Called by the CLI only."""

@@ -1,0 +1,236 @@
+"""`sdtrain train <method>`: plan the data, load the model, build the method, run the engine."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sdtrain.config.loader import LoadedConfig
+from sdtrain.errors import ConfigError, Problem
+
+if TYPE_CHECKING:
+    from sdtrain.data.plan import Plan
+    from sdtrain.engine.loop import TrainResult
+    from sdtrain.methods.base import Method
+    from sdtrain.models.bundle import ModelBundle
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Prepared:
+    """A validated run that has not loaded any weights yet (what --dry-run shows)."""
+
+    loaded: LoadedConfig
+    command: str
+    plan: Plan
+    seed: int
+    resume_folder: Path | None
+
+
+def _require(loaded: LoadedConfig) -> None:
+    cfg = loaded.config
+    problems = []
+    if not cfg.model.pretrained_model_name_or_path:
+        problems.append(
+            Problem(
+                key="model.pretrained_model_name_or_path",
+                file=_file(loaded),
+                message="no base model given",
+                hint="a .safetensors/.ckpt file, a diffusers folder, a hub id, "
+                "or builtin:toy-sd1 to try sdtrain",
+            )
+        )
+    if not cfg.training.output_dir:
+        problems.append(
+            Problem(
+                key="training.output_dir",
+                file=_file(loaded),
+                message="no output folder given",
+                hint="set [training] output_dir (or --output_dir DIR)",
+            )
+        )
+    if problems:
+        raise ConfigError(problems)
+
+
+def _file(loaded: LoadedConfig) -> str | None:
+    return str(loaded.source.path) if loaded.source else None
+
+
+def prepare(loaded: LoadedConfig, command: str) -> Prepared:
+    """Validate everything that needs no weights: required keys, the dataset plan, the seed,
+    the prompt file, the state to resume from and its config differences."""
+    from sdtrain.data.plan import plan_for_run
+    from sdtrain.engine.resume import resolve_resume
+
+    _require(loaded)
+    cfg = loaded.config
+    plan = plan_for_run(loaded, command)
+    resume_folder = resolve_resume(cfg.saving, Path(str(cfg.training.output_dir)))
+    seed = cfg.training.seed
+    if seed is None and resume_folder is not None:
+        from sdtrain.engine.state import load_counters
+
+        seed = load_counters(resume_folder).seed
+    if seed is None:
+        seed = random.SystemRandom().randint(0, 2**31 - 1)
+        logger.info("no seed given: using seed %d (recorded in the run's config)", seed)
+    cfg.training.seed = seed
+    if cfg.sample.sample_prompts:
+        from sdtrain.engine.sampling import load_prompts
+
+        load_prompts(cfg.sample, 512)  # parse now: a bad prompt file fails before training
+    return Prepared(loaded, command, plan, seed, resume_folder)
+
+
+def _build_method(command: str, loaded: LoadedConfig) -> Method:
+    cfg = loaded.config
+    if command == "lora":
+        from sdtrain.methods.lora import LoraMethod
+
+        return LoraMethod(
+            cfg.network,
+            cfg.optimizer,  # type: ignore[attr-defined]
+            prior_loss_weight=cfg.training.prior_loss_weight,
+            clip_skip=cfg.model.clip_skip,
+            max_token_length=cfg.model.max_token_length,
+            save_precision=cfg.saving.save_precision,
+        )
+    raise ValueError(f"unknown training method {command}")
+
+
+def _data(prepared: Prepared, bundle: ModelBundle, precision_vae: Any) -> Any:
+    """TrainDataset over the plan, with latents cached (memory/disk) when asked."""
+    from sdtrain.data.dataset import TrainDataset
+
+    cfg = prepared.loaded.config
+    t = cfg.training
+    steps = prepared.plan.steps
+    assert steps is not None
+    store = index = None
+    if t.cache_latents:
+        from sdtrain.data.latent_store import LatentStore, default_cache_dir
+        from sdtrain.engine.latents import fill_store
+
+        folder = (
+            (Path(t.latent_cache_dir) if t.latent_cache_dir else default_cache_dir())
+            if t.cache_latents_to_disk
+            else None
+        )
+        store = LatentStore(folder)
+        report = fill_store(
+            prepared.plan.datasets, bundle.vae, store, precision_vae, batch_size=t.vae_batch_size
+        )
+        logger.info("latents: %d encoded, %d reused from the cache", report.encoded, report.reused)
+        index = report.index
+    workers = 0 if t.cache_latents else min(t.max_data_loader_n_workers, os.cpu_count() or 1)
+    data = TrainDataset(
+        prepared.plan.datasets,
+        prepared.seed,
+        steps.total_steps,
+        store,
+        index,
+        workers=workers,
+        persistent_workers=t.persistent_data_loader_workers,
+    )
+    data.steps = steps
+    return data
+
+
+def execute(prepared: Prepared, resume_hint: str) -> TrainResult:
+    """Load the model and train. Writes the resolved config into the output folder first."""
+    import torch
+
+    from sdtrain.atomic import write_text
+    from sdtrain.config.resolved import resolved_dict, resolved_toml
+    from sdtrain.engine.loop import EngineSections, Hooks, Trainer
+    from sdtrain.engine.metrics import Trackers
+    from sdtrain.engine.precision import precision_for
+    from sdtrain.engine.resume import check_resume_config
+    from sdtrain.engine.sampling import SampleHook, load_prompts
+    from sdtrain.engine.state import load_state
+    from sdtrain.methods.adapters.metadata import training_metadata
+    from sdtrain.models.load import load_bundle
+    from sdtrain.run.facts import collect_facts
+
+    loaded, cfg = prepared.loaded, prepared.loaded.config
+    prepared.plan.require_valid()
+    output_dir = Path(str(cfg.training.output_dir))
+    current = resolved_dict(cfg)
+    state = None
+    if prepared.resume_folder is not None:
+        state = load_state(prepared.resume_folder)
+        check_resume_config(state.config, current, cfg.saving.resume_allow_changes)
+    method = _build_method(prepared.command, loaded)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precision = precision_for(cfg.training, cfg.model.no_half_vae, device.type)
+    bundle = load_bundle(cfg.model, device=device)
+    text = resolved_toml(cfg)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_text(output_dir / "config.toml", text)
+    data = _data(prepared, bundle, precision.vae)
+    steps = prepared.plan.steps
+    assert steps is not None
+    trackers = (
+        Trackers(cfg.logging, f"sdtrain-{prepared.command}", current)
+        if cfg.logging.log_with or cfg.logging.logging_dir
+        else None
+    )
+    prompts = load_prompts(cfg.sample, bundle.family.resolution)
+    sampler = (
+        SampleHook(
+            cfg.sample,
+            prompts,
+            bundle,
+            method,
+            output_dir,
+            cfg.training.output_name,
+            cfg.model.clip_skip,
+            cfg.model.max_token_length,
+            precision.weight,
+            trackers,
+        )
+        if prompts
+        else None
+    )
+    holder: dict[str, Any] = {}
+
+    def metadata(step: int, epoch: int) -> dict[str, str]:
+        if "facts" not in holder:
+            holder["facts"] = collect_facts(
+                cfg,
+                prepared.plan,
+                bundle,
+                trainer.built.description,
+                text,
+                from_blueprint=_from_blueprint(cfg),
+            )
+        return training_metadata(holder["facts"], step, epoch)
+
+    sections = EngineSections(cfg.training, cfg.optimizer, cfg.saving, cfg.logging)
+    trainer = Trainer(
+        method,
+        bundle,
+        data,
+        steps,
+        sections,
+        output_dir,
+        cfg.training.output_name,
+        prepared.seed,
+        current,
+        Hooks(sample=sampler, save_metadata=metadata),
+        resume=state,
+        resume_hint=resume_hint,
+        no_half_vae=cfg.model.no_half_vae,
+        trackers=trackers,
+    )
+    return trainer.run()
+
+
+def _from_blueprint(cfg: Any) -> bool:
+    return bool(cfg.dataset.dataset_config or cfg.general is not None or cfg.datasets is not None)
