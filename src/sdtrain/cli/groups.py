@@ -15,6 +15,7 @@ GROUPS: list[tuple[str, str, str]] = [
     ("metadata", "sdtrain.cli.metadata", "Build and clean fine-tune metadata JSON."),
     ("dataset", "sdtrain.cli.dataset", "Inspect datasets before training."),
     ("generate", "sdtrain.cli.generate", "Generate images from a model, LoRAs and embeddings."),
+    ("model", "sdtrain.cli.model", "Inspect and convert model files."),
 ]
 
 

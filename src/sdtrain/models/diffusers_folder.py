@@ -48,8 +48,8 @@ def _load_component(folder: Path, name: str, dtype: object | None):
             hint="a diffusers model folder needs unet/, vae/ and text_encoder/ subfolders",
         )
     kwargs = {"local_files_only": True, "output_loading_info": True}
-    if dtype is not None:
-        kwargs["torch_dtype"] = dtype
+    if dtype is not None:  # transformers 5 renamed torch_dtype to dtype; diffusers did not
+        kwargs["dtype" if name == "text_encoder" else "torch_dtype"] = dtype
     hf_logging.disable_progress_bar()
     try:
         model, info = classes[name].from_pretrained(str(sub), **kwargs)

@@ -1,0 +1,133 @@
+"""load_bundle: [model] section -> ModelBundle (single file, diffusers folder, hub id, builtin:)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from sdtrain.config.sections import ModelSection
+from sdtrain.errors import ConfigError, ModelLoadError, Problem
+from sdtrain.models.attention import apply_attention
+from sdtrain.models.bundle import ModelBundle, ModelSource
+from sdtrain.models.checkpoint_file import SAFETENSORS_SUFFIXES, TORCH_SUFFIXES
+
+log = logging.getLogger(__name__)
+
+
+def source_kind(spec: str) -> str:
+    """builtin / single_file / diffusers / hub for a pretrained_model_name_or_path value."""
+    from sdtrain.models.builtin import is_builtin
+    from sdtrain.models.hub import looks_like_hub_id
+
+    if is_builtin(spec):
+        return "builtin"
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return "single_file"
+    if path.is_dir():
+        return "diffusers"
+    if looks_like_hub_id(spec):
+        return "hub"
+    suffix = path.suffix.lower()
+    what = "model file" if suffix in SAFETENSORS_SUFFIXES + TORCH_SUFFIXES else "model"
+    raise ModelLoadError(
+        f"{what} {spec!r} not found",
+        hint="pass an existing .safetensors/.ckpt file, a diffusers folder, a hub id (owner/name) "
+        "or builtin:tiny-sd1",
+    )
+
+
+def _prediction_flag(v_parameterization: bool | None) -> str | None:
+    if v_parameterization is None:
+        return None
+    return "v_prediction" if v_parameterization else "epsilon"
+
+
+def _load_base(section: ModelSection, spec: str) -> ModelBundle:
+    kind = source_kind(spec)
+    source = ModelSource(spec=spec, kind=kind)  # type: ignore[arg-type]
+    prediction = _prediction_flag(section.v_parameterization)
+    if kind == "builtin":
+        from sdtrain.models.builtin import get_builtin, load_builtin
+
+        bundle = load_builtin(
+            spec, tokenizer_cache_dir=section.tokenizer_cache_dir, prediction_type=prediction
+        )
+        from sdtrain.models.diffusers_folder import check_v2_flag
+
+        check_v2_flag(section.v2, get_builtin(spec).family, spec)
+        return bundle
+    if kind == "single_file":
+        from sdtrain.models.single_file import load_single_file
+
+        return load_single_file(
+            Path(spec).expanduser().resolve(),
+            source,
+            v2=section.v2,
+            v_parameterization=section.v_parameterization,
+            tokenizer_cache_dir=section.tokenizer_cache_dir,
+        )
+    from sdtrain.models.diffusers_folder import load_diffusers_folder
+
+    if kind == "hub":
+        from sdtrain.models.hub import resolve_hub
+
+        folder = resolve_hub(spec)
+    else:
+        folder = Path(spec).expanduser().resolve()
+    return load_diffusers_folder(
+        folder,
+        source,
+        tokenizer_cache_dir=section.tokenizer_cache_dir,
+        prediction_type=prediction,  # type: ignore[arg-type]
+        v2=section.v2,
+    )
+
+
+def move_module(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Move/cast in place, skipping no-ops (plain nn.Module.to: diffusers' own `to` warns on
+    every dtype cast about an empty fp32-module list)."""
+    first = next(module.parameters(), None)
+    if first is not None and first.device == device and first.dtype == dtype:
+        return
+    torch.nn.Module.to(module, device=device, dtype=dtype)
+
+
+def load_bundle(
+    section: ModelSection,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> ModelBundle:
+    """Load the base model of `section` onto `device` in `dtype`, offline.
+
+    The VAE stays float32 with `no_half_vae`. `vae` replaces the model's VAE; `attention`
+    selects SDPA (default), xformers (CUDA + the `xformers` extra) or memory-efficient SDPA.
+    Models are returned in eval mode; freezing and training modes are the methods' business.
+    """
+    spec = section.pretrained_model_name_or_path
+    if not spec:
+        raise ConfigError(
+            [
+                Problem(
+                    key="model.pretrained_model_name_or_path",
+                    message="no base model given",
+                    hint="set [model] pretrained_model_name_or_path (e.g. builtin:tiny-sd1 to try)",
+                )
+            ]
+        )
+    device = torch.device(device)
+    bundle = _load_base(section, spec)
+    if section.vae:
+        from sdtrain.models.vae import load_vae
+
+        log.info("replacing the VAE with %s", section.vae)
+        bundle.vae = load_vae(section.vae, bundle.vae)
+        bundle.source.vae_spec = section.vae
+    vae_dtype = torch.float32 if section.no_half_vae else dtype
+    move_module(bundle.unet, device, dtype)
+    move_module(bundle.text_encoder, device, dtype)
+    move_module(bundle.vae, device, vae_dtype)
+    apply_attention([bundle.unet, bundle.vae], section.attention, device)
+    return bundle

@@ -1,0 +1,60 @@
+"""ModelSpec (`modelspec.*`, sai_model_spec 1.0.1) metadata: checkpoints, LoRAs, embeddings."""
+
+from __future__ import annotations
+
+import datetime as _dt
+from typing import Literal
+
+from sdtrain import __version__
+from sdtrain.models.bundle import FamilyInfo
+
+MODELSPEC_VERSION = "1.0.1"
+IMPLEMENTATION_SGM = "https://github.com/Stability-AI/generative-models"
+IMPLEMENTATION_DIFFUSERS = "diffusers"
+Kind = Literal["checkpoint", "lora", "textual-inversion"]
+_SUFFIX = {"checkpoint": "", "lora": "/lora", "textual-inversion": "/textual-inversion"}
+_TITLE = {"checkpoint": "Checkpoint", "lora": "LoRA", "textual-inversion": "TextualInversion"}
+
+
+def modelspec_metadata(
+    family: FamilyInfo,
+    *,
+    kind: Kind = "checkpoint",
+    title: str | None = None,
+    resolution: int | tuple[int, int] | None = None,
+    clip_skip: int | None = None,
+    timestep_range: tuple[int | None, int | None] | None = None,
+    date: _dt.datetime | None = None,
+    extra: dict[str, str | None] | None = None,
+) -> dict[str, str]:
+    """The modelspec keys the reference writes (§7.6 / §9.3); None values are omitted.
+
+    architecture: stable-diffusion-v1 / -v2-512 / -v2-768-v (+ /lora, /textual-inversion);
+    implementation: diffusers for LoRA, Stability's generative-models URL otherwise;
+    resolution "WxH" (default: the family's native resolution); prediction_type epsilon / v;
+    `extra` adds optional keys (author, description, license, tags, trigger_phrase, ...) as
+    `modelspec.<key>`.
+    """
+    now = (date or _dt.datetime.now()).replace(microsecond=0)
+    if resolution is None:
+        resolution = family.resolution
+    width, height = (resolution, resolution) if isinstance(resolution, int) else resolution
+    values: dict[str, str | None] = {
+        "sai_model_spec": MODELSPEC_VERSION,
+        "architecture": family.modelspec_architecture + _SUFFIX[kind],
+        "implementation": IMPLEMENTATION_DIFFUSERS if kind == "lora" else IMPLEMENTATION_SGM,
+        "title": title or f"{_TITLE[kind]}@{now.isoformat()}",
+        "resolution": f"{width}x{height}",
+        "date": now.isoformat(),
+        "prediction_type": "v" if family.is_v else "epsilon",
+        "encoder_layer": str(clip_skip) if clip_skip is not None else None,
+        "implementation_version": f"sdtrain/{__version__}",
+    }
+    if timestep_range is not None and any(bound is not None for bound in timestep_range):
+        low, high = timestep_range
+        values["timestep_range"] = (
+            f"{low if low is not None else 0},{high if high is not None else 1000}"
+        )
+    for key, value in (extra or {}).items():
+        values[key.removeprefix("modelspec.")] = value
+    return {f"modelspec.{key}": str(value) for key, value in values.items() if value is not None}
