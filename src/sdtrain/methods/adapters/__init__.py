@@ -1,0 +1,1 @@
+"""Adapters (LoRA through peft) and their file formats: kohya, diffusers/PEFT, metadata."""
