@@ -12,6 +12,7 @@ from sdtrain.errors import ConfigError, Problem
 from sdtrain.methods.adapters.lora import LoraNetwork
 from sdtrain.methods.adapters.spec import LoraSpec
 from sdtrain.methods.base import ParamGroup, SavePoint
+from sdtrain.methods.conditioning import TextConditioning
 
 if TYPE_CHECKING:
     import torch
@@ -43,6 +44,7 @@ class LoraMethod:
         clip_skip: int | None = None,
         max_token_length: int | None = None,
         save_precision: str | None = None,
+        weighted_captions: bool = False,
     ) -> None:
         """Validate [network] now (config errors before any model loads); read ranks for
         dim_from_weights."""
@@ -71,6 +73,7 @@ class LoraMethod:
         self.prior_loss_weight = prior_loss_weight
         self.clip_skip = clip_skip
         self.max_token_length = max_token_length
+        self.text = TextConditioning(clip_skip, max_token_length, weighted_captions)
         self.save_precision = save_precision
         self.network: LoraNetwork | None = None
         self._trains_te = False
@@ -121,16 +124,7 @@ class LoraMethod:
 
     def condition(self, bundle: ModelBundle, batch: Batch) -> torch.Tensor:
         """(B, 75n+2, D) text conditioning; no autograd graph when the text encoder is frozen."""
-        import torch
-
-        from sdtrain.models.text import encode_tokens, tokenize
-
-        ids = tokenize(bundle.tokenizer, batch.captions, self.max_token_length)
-        grad = contextlib.nullcontext() if self._trains_te else torch.no_grad()
-        with grad:
-            return encode_tokens(
-                bundle.text_encoder, ids, self.clip_skip, eos_token_id=bundle.tokenizer.eos_token_id
-            )
+        return self.text.encode(bundle, batch.captions, grad=self._trains_te)
 
     def loss_weights(self, batch: Batch) -> torch.Tensor | None:
         """(B,) prior_loss_weight on regularization samples, 1 elsewhere (None when all 1)."""

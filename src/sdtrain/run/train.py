@@ -100,6 +100,7 @@ def _build_method(command: str, loaded: LoadedConfig) -> Method:
             clip_skip=cfg.model.clip_skip,
             max_token_length=cfg.model.max_token_length,
             save_precision=cfg.saving.save_precision,
+            weighted_captions=cfg.training.weighted_captions,
         )
     raise ValueError(f"unknown training method {command}")
 
