@@ -205,3 +205,14 @@ def test_incomplete_folder_is_refused(tiny_files, tmp_path, load_spec):
     shutil.rmtree(other / "vae")
     with pytest.raises(ModelLoadError, match="vae/config.json"):
         load_spec(str(other))
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "diffusers"])
+def test_file_loaded_in_the_requested_dtype(tiny_files, tiny_sd1, fmt):
+    section = ModelSection(
+        pretrained_model_name_or_path=str(tiny_files["sd1"][fmt]), no_half_vae=True
+    )
+    bundle = load_bundle(section, dtype=torch.float16)
+    assert bundle.unet.dtype == torch.float16 and bundle.text_encoder.dtype == torch.float16
+    assert bundle.vae.dtype == torch.float32
+    assert torch.equal(bundle.unet.conv_in.weight, tiny_sd1.unet.conv_in.weight.half())

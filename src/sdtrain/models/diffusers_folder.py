@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sdtrain.errors import ModelLoadError
 from sdtrain.models.assemble import assemble_bundle
 from sdtrain.models.bundle import ModelBundle, ModelSource
 from sdtrain.models.families import Prediction, family_from_hidden_act, family_spec
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +39,7 @@ def _check_loading_info(info: dict, what: str, folder: Path) -> None:
         )
 
 
-def _load_component(folder: Path, name: str, dtype: object | None):
+def _load_component(folder: Path, name: str, dtype: torch.dtype | None):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
     from transformers.utils import logging as hf_logging
@@ -84,7 +88,7 @@ def load_diffusers_folder(
     tokenizer_cache_dir: str | None = None,
     prediction_type: Prediction | None = None,
     v2: bool | None = None,
-    dtype: object | None = None,
+    dtypes: dict[str, torch.dtype] | None = None,
 ) -> ModelBundle:
     """Load unet/vae/text_encoder of a diffusers folder; family from the text encoder.
 
@@ -100,9 +104,10 @@ def load_diffusers_folder(
             hint="point pretrained_model_name_or_path at a .safetensors/.ckpt file or a diffusers "
             "folder",
         )
-    unet = _load_component(folder, "unet", dtype)
-    vae = _load_component(folder, "vae", dtype)
-    text_encoder = _load_component(folder, "text_encoder", dtype)
+    dtypes = dtypes or {}
+    unet = _load_component(folder, "unet", dtypes.get("unet"))
+    vae = _load_component(folder, "vae", dtypes.get("vae"))
+    text_encoder = _load_component(folder, "text_encoder", dtypes.get("text_encoder"))
     family = family_from_hidden_act(str(text_encoder.config.hidden_act))
     if family is None:
         raise ModelLoadError(

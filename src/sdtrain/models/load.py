@@ -45,7 +45,7 @@ def _prediction_flag(v_parameterization: bool | None) -> str | None:
     return "v_prediction" if v_parameterization else "epsilon"
 
 
-def _load_base(section: ModelSection, spec: str) -> ModelBundle:
+def _load_base(section: ModelSection, spec: str, dtypes: dict[str, torch.dtype]) -> ModelBundle:
     kind = source_kind(spec)
     source = ModelSource(spec=spec, kind=kind)  # type: ignore[arg-type]
     prediction = _prediction_flag(section.v_parameterization)
@@ -68,6 +68,7 @@ def _load_base(section: ModelSection, spec: str) -> ModelBundle:
             v2=section.v2,
             v_parameterization=section.v_parameterization,
             tokenizer_cache_dir=section.tokenizer_cache_dir,
+            dtypes=dtypes,
         )
     from sdtrain.models.diffusers_folder import load_diffusers_folder
 
@@ -83,6 +84,7 @@ def _load_base(section: ModelSection, spec: str) -> ModelBundle:
         tokenizer_cache_dir=section.tokenizer_cache_dir,
         prediction_type=prediction,  # type: ignore[arg-type]
         v2=section.v2,
+        dtypes=dtypes,
     )
 
 
@@ -118,14 +120,15 @@ def load_bundle(
             ]
         )
     device = torch.device(device)
-    bundle = _load_base(section, spec)
+    vae_dtype = torch.float32 if section.no_half_vae else dtype
+    dtypes = {"unet": dtype, "text_encoder": dtype, "vae": vae_dtype}
+    bundle = _load_base(section, spec, dtypes)
     if section.vae:
         from sdtrain.models.vae import load_vae
 
         log.info("replacing the VAE with %s", section.vae)
         bundle.vae = load_vae(section.vae, bundle.vae)
         bundle.source.vae_spec = section.vae
-    vae_dtype = torch.float32 if section.no_half_vae else dtype
     move_module(bundle.unet, device, dtype)
     move_module(bundle.text_encoder, device, dtype)
     move_module(bundle.vae, device, vae_dtype)

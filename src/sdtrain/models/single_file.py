@@ -8,9 +8,11 @@ anything is allocated.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -39,6 +41,20 @@ from sdtrain.models.ldm_keys import (
 log = logging.getLogger(__name__)
 
 SD2_BASE_GLOBAL_STEP = 875000  # SD 2.x-base (512, epsilon) checkpoints record this step
+
+
+@contextlib.contextmanager
+def quiet_diffusers() -> Iterator[None]:
+    """Silence diffusers' warning on every dtype cast ("modules that should be kept in float32:
+    []"), which its own from_single_file triggers when given a dtype."""
+    from diffusers.utils import logging as diffusers_logging
+
+    previous = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(previous)
 
 
 @functools.lru_cache(maxsize=16)
@@ -158,17 +174,20 @@ def load_single_file(
     v2: bool | None = None,
     v_parameterization: bool | None = None,
     tokenizer_cache_dir: str | None = None,
-    dtype: torch.dtype | None = None,
+    dtypes: dict[str, torch.dtype] | None = None,
 ) -> ModelBundle:
     """Load an original-layout .safetensors / .ckpt into a ModelBundle, fully offline.
 
     EMA copies and other extra keys are ignored; missing or wrongly shaped weights raise a
-    ModelLoadError that names them; `v2` contradicting the weights raises too.
+    ModelLoadError that names them; `v2` contradicting the weights raises too. `dtypes` maps
+    unet / vae / text_encoder to the dtype to load in (cast tensor by tensor while loading, so a
+    float16 file loaded in float16 never exists in float32).
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
     from transformers import CLIPTextModel
 
+    dtypes = dtypes or {}
     reader = CheckpointFile(path)
     keys = set(reader.keys())
     family = family_from_keys(keys)
@@ -184,23 +203,26 @@ def load_single_file(
     log.info("%s: %s, %s (%s)", path.name, family, prediction, why)
     folder, expected = choose_config(reader, family, prediction)
     te_prefix = family_spec(family).te_prefix
-    common = {"config": str(folder), "local_files_only": True, "torch_dtype": dtype}
+    common = {"config": str(folder), "local_files_only": True}
     try:
-        unet_keys = [k for k in expected if k.startswith(UNET_PREFIX)]
-        unet = UNet2DConditionModel.from_single_file(
-            reader.get(unet_keys), subfolder="unet", **common
-        )
-        vae_keys = [k for k in expected if k.startswith(VAE_PREFIX)]
-        vae = AutoencoderKL.from_single_file(reader.get(vae_keys), subfolder="vae", **common)
-        te_keys = [k for k in expected if k.startswith(te_prefix)]
-        text_encoder = create_diffusers_clip_model_from_ldm(
-            CLIPTextModel,
-            reader.get(te_keys),
-            subfolder="text_encoder",
-            config=str(folder),
-            torch_dtype=dtype,
-            local_files_only=True,
-        )
+        with quiet_diffusers():
+            unet_keys = [k for k in expected if k.startswith(UNET_PREFIX)]
+            unet = UNet2DConditionModel.from_single_file(
+                reader.get(unet_keys), subfolder="unet", torch_dtype=dtypes.get("unet"), **common
+            )
+            vae_keys = [k for k in expected if k.startswith(VAE_PREFIX)]
+            vae = AutoencoderKL.from_single_file(
+                reader.get(vae_keys), subfolder="vae", torch_dtype=dtypes.get("vae"), **common
+            )
+            te_keys = [k for k in expected if k.startswith(te_prefix)]
+            text_encoder = create_diffusers_clip_model_from_ldm(
+                CLIPTextModel,
+                reader.get(te_keys),
+                subfolder="text_encoder",
+                config=str(folder),
+                torch_dtype=dtypes.get("text_encoder"),
+                local_files_only=True,
+            )
     except ModelLoadError:
         raise
     except Exception as error:
