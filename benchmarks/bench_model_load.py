@@ -56,8 +56,8 @@ def write_random_sd15(path: Path, dtype_name: str) -> dict:
 
 def child(path: str, dtype_name: str) -> None:
     """Measured side: bare imports first (baseline), then load_bundle."""
-    import torch
     import diffusers  # noqa: F401
+    import torch
     import transformers  # noqa: F401
 
     from sdtrain.config.sections import ModelSection
