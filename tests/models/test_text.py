@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sdtrain.data.prompt_weights import tokenize_weighted
 from sdtrain.models.builtin import build_random_components
-from sdtrain.models.text import encode_captions, encode_tokens, tokenize, tokenize_weighted
+from sdtrain.models.text import encode_captions, encode_tokens, tokenize
 from sdtrain.models.tokenizer import load_tokenizer
 
 BOS, EOS, CAT = 49406, 49407, 2368
@@ -129,9 +130,7 @@ def test_sd2_empty_window_uses_pad_state(tok2, te2):
 
 
 def test_weights_multiply_positionwise(tok1, te1):
-    prompts = [[("a", 1.0), ("cat", 1.5), ("on a hill", 0.5)]]
-    ids, weights, truncated = tokenize_weighted(tok1, prompts, None)
-    assert truncated == [False]
+    ids, weights = tokenize_weighted(tok1, ["a (cat:1.5) (on a hill:0.5)"], None)
     assert torch.equal(ids, tokenize(tok1, ["a cat on a hill"], None))
     assert weights[0, 0, :7].tolist() == [1.0, 1.0, 1.5, 0.5, 0.5, 0.5, 1.0]
     plain = encode_tokens(te1, ids, None)
@@ -145,13 +144,10 @@ def test_weights_multiply_positionwise(tok1, te1):
     assert not torch.allclose(renorm, weighted)
 
 
-def test_weighted_chunks_follow_the_ids(tok2):
-    prompts = [[(cats(70), 1.0), (cats(10), 2.0)]]
-    ids, weights, truncated = tokenize_weighted(tok2, prompts, 150)
+def test_weighted_windows_line_up_with_the_ids(tok2):
+    ids, weights = tokenize_weighted(tok2, [f"{cats(70)} ({cats(10)}:2)"], 150)
     assert ids.shape == weights.shape == (1, 2, 77)
     assert torch.equal(ids, tokenize(tok2, [cats(80)], 150))
     assert weights[0, 0, 1:71].eq(1.0).all() and weights[0, 0, 71:76].eq(2.0).all()
     assert weights[0, 1, 1:6].eq(2.0).all() and weights[0, 1, 6:].eq(1.0).all()
     assert weights[0, :, 0].eq(1.0).all() and weights[0, :, 76].eq(1.0).all()
-    _, _, cut = tokenize_weighted(tok2, [[(cats(200), 1.0)]], 150)
-    assert cut == [True]

@@ -7,26 +7,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from sdtrain.data.prompt_weights import CHUNK, token_budget
+
 if TYPE_CHECKING:
     from transformers import CLIPTextModel, CLIPTokenizer
 
 EOS_ID = 49407  # <|endoftext|> in the CLIP vocabulary (SD1 and SD2)
-CHUNK = 75  # content tokens per 77-token window (BOS + 75 + EOS/PAD)
-WINDOW = CHUNK + 2
-
-
-def token_budget(max_token_length: int | None) -> int:
-    """Total ids per caption incl. BOS/EOS: 77 for None/75, 152 for 150, 227 for 225."""
-    if max_token_length is None:
-        return WINDOW
-    if max_token_length % CHUNK or max_token_length <= 0:
-        raise ValueError(f"max_token_length must be a multiple of {CHUNK}, got {max_token_length}")
-    return max_token_length + 2
-
-
-def chunk_count(max_token_length: int | None) -> int:
-    """Number of 77-token windows n for a token budget (1, 2 or 3)."""
-    return (token_budget(max_token_length) - 2) // CHUNK
+WINDOW = CHUNK + 2  # BOS + 75 content tokens + EOS/PAD
 
 
 def _chunk(ids: torch.Tensor, pad_id: int, eos_id: int) -> torch.Tensor:
@@ -57,7 +44,8 @@ def tokenize(
     """Token ids (B, n, 77) for captions, chunked exactly as the reference (§5.3).
 
     Captions longer than the budget (75 / 150 / 225 content tokens) are truncated silently, as in
-    the reference. n = 1 without `max_token_length` (or 75), 2 for 150, 3 for 225.
+    the reference. n = 1 without `max_token_length` (or 75), 2 for 150, 3 for 225. Weighted
+    captions are tokenized by `sdtrain.data.prompt_weights.tokenize_weighted` (same layout).
     """
     budget = token_budget(max_token_length)
     ids = tokenizer(
@@ -70,48 +58,6 @@ def tokenize(
     if budget == WINDOW:
         return ids.unsqueeze(1)
     return _chunk(ids, tokenizer.pad_token_id, tokenizer.eos_token_id)
-
-
-def tokenize_weighted(
-    tokenizer: CLIPTokenizer,
-    prompts: Sequence[Sequence[tuple[str, float]]],
-    max_token_length: int | None,
-) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
-    """Ids (B, n, 77), weights (B, n, 77) and a per-prompt "was truncated" flag, as §5.6.
-
-    Each prompt is a list of (text, weight) segments (parsed elsewhere). Segments are tokenized
-    without BOS/EOS, weights repeated per token, truncated to the budget, then laid out as
-    `[BOS] + tokens + [EOS] + [PAD]...` with weight 1.0 on specials/padding and chunked like
-    `tokenize`. Position k of the weights always belongs to position k of the ids.
-    """
-    budget = token_budget(max_token_length)
-    bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
-    rows: list[list[int]] = []
-    row_weights: list[list[float]] = []
-    truncated: list[bool] = []
-    for segments in prompts:
-        tokens: list[int] = []
-        weights: list[float] = []
-        for text, weight in segments:
-            seg_ids = tokenizer(text, add_special_tokens=False, truncation=False).input_ids
-            tokens += seg_ids
-            weights += [float(weight)] * len(seg_ids)
-        truncated.append(len(tokens) > budget - 2)
-        tokens, weights = tokens[: budget - 2], weights[: budget - 2]
-        fill = budget - 2 - len(tokens)
-        rows.append([bos, *tokens, eos] + [pad] * fill)
-        row_weights.append([1.0, *weights, 1.0] + [1.0] * fill)
-    ids = torch.tensor(rows, dtype=torch.long)
-    weight_tensor = torch.tensor(row_weights, dtype=torch.float32)
-    if budget == WINDOW:
-        return ids.unsqueeze(1), weight_tensor.unsqueeze(1), truncated
-    ones = torch.ones_like(weight_tensor[:, :1])
-    n = (budget - 2) // CHUNK
-    weight_windows = [
-        torch.cat([ones, weight_tensor[:, 1 + CHUNK * k : 1 + CHUNK * (k + 1)], ones], dim=1)
-        for k in range(n)
-    ]
-    return _chunk(ids, pad, eos), torch.stack(weight_windows, dim=1), truncated
 
 
 def final_layer_norm(text_encoder: torch.nn.Module) -> torch.nn.Module:
