@@ -36,7 +36,7 @@ def info(
 ) -> None:
     """Family, prediction type, dtypes, parameter counts, hashes and metadata of a model."""
     from sdtrain.log import out
-    from sdtrain.models.inspect import inspect_model
+    from sdtrain.models.info import inspect_model
 
     found = inspect_model(path, hashes=not no_hash)
     if as_json:
@@ -96,7 +96,7 @@ def convert(
 ) -> None:
     """Convert between the original single-file layout and diffusers folders (offline)."""
     from sdtrain.log import out
-    from sdtrain.models.inspect import convert_model
+    from sdtrain.models.info import convert_model
 
     written = convert_model(
         src,
