@@ -14,8 +14,10 @@ GROUPS: list[tuple[str, str, str]] = [
     ("caption", "sdtrain.cli.caption", "Caption or tag images (BLIP, WD14)."),
     ("metadata", "sdtrain.cli.metadata", "Build and clean fine-tune metadata JSON."),
     ("dataset", "sdtrain.cli.dataset", "Inspect datasets before training."),
+    ("latents", "sdtrain.cli.latents", "Pre-encode training latents (VAE) to disk."),
     ("generate", "sdtrain.cli.generate", "Generate images from a model, LoRAs and embeddings."),
     ("model", "sdtrain.cli.model", "Inspect and convert model files."),
+    ("train", "sdtrain.cli.train", "Train a model (lora)."),
 ]
 
 
