@@ -1,0 +1,146 @@
+"""`sdtrain train lora` end to end on the tiny random model: files, metrics, what changes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+RUN = """
+[model]
+pretrained_model_name_or_path = "builtin:tiny-sd1"
+
+[training]
+output_dir = "out"
+output_name = "tiny"
+max_train_steps = 4
+train_batch_size = 2
+seed = 3
+max_data_loader_n_workers = 0
+
+[optimizer]
+learning_rate = 1e-2
+
+[network]
+network_dim = 4
+network_alpha = 2.0
+
+[saving]
+save_every_n_steps = 2
+
+[general]
+resolution = 64
+caption_extension = ".txt"
+
+[[datasets]]
+[[datasets.subsets]]
+image_dir = "imgs"
+num_repeats = 2
+"""
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    images = tmp_path / "imgs"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(images / f"{i}.png")
+        (images / f"{i}.txt").write_text(f"shs pattern, sample {i}")
+    (tmp_path / "run.toml").write_text(RUN)
+    return tmp_path
+
+
+def test_trains_and_writes_reference_named_files(run_dir, cli, monkeypatch):
+    import sdtrain.models.load as load
+
+    captured = {}
+    real = load.load_bundle
+
+    def keep(*args, **kwargs):
+        bundle = real(*args, **kwargs)
+        captured["bundle"] = bundle
+        captured["before"] = {
+            name: p.detach().clone()
+            for module in (bundle.unet, bundle.text_encoder)
+            for name, p in module.named_parameters()
+        }
+        return bundle
+
+    monkeypatch.setattr(load, "load_bundle", keep)
+    result = cli(["train", "lora", str(run_dir / "run.toml")])
+    assert result.exit_code == 0, result.output
+    out = run_dir / "out"
+    assert (out / "tiny-step00000002.safetensors").is_file()
+    assert (out / "tiny.safetensors").is_file()
+    assert (out / "config.toml").is_file()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert all(np.isfinite(r["loss"]) for r in records)
+    assert {"lr/unet", "lr/textencoder"} <= set(records[0])
+
+    bundle = captured["bundle"]
+    changed, lora_changed = [], []
+    for module in (bundle.unet, bundle.text_encoder):
+        for name, param in module.named_parameters():
+            base = name.replace(".base_layer", "")
+            if "lora_" in name:
+                if name in captured["before"]:
+                    continue
+                lora_changed.append(name)
+            elif not torch.equal(
+                param.detach(), captured["before"].get(base, captured["before"].get(name))
+            ):
+                changed.append(name)
+    assert changed == []
+    assert lora_changed
+
+    with safe_open(str(out / "tiny.safetensors"), "pt") as handle:
+        keys = set(handle.keys())
+        meta = handle.metadata()
+    assert any(k.startswith("lora_te_text_model_encoder_layers_0_self_attn_q_proj") for k in keys)
+    assert any(
+        k.startswith("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q")
+        for k in keys
+    )
+    assert meta["ss_steps"] == "4" and meta["ss_network_dim"] == "4"
+    assert meta["ss_network_alpha"] == "2.0"
+    assert meta["ss_seed"] == "3"
+    assert "sdtrain_config" in meta and "[network]" in meta["sdtrain_config"]
+    assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
+
+
+def test_dry_run_loads_no_weights(run_dir, cli, monkeypatch):
+    import sdtrain.models.load as load
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("dry run must not load the model")
+
+    monkeypatch.setattr(load, "load_bundle", refuse)
+    result = cli(["train", "lora", str(run_dir / "run.toml"), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert not (run_dir / "out").exists()
+
+
+def test_config_errors_exit_2_and_name_the_line(run_dir):
+    bad = run_dir / "bad.toml"
+    bad.write_text(RUN.replace("network_dim = 4", 'network_dim = "4"'))
+    env = {**os.environ, "SDTRAIN_NO_REEXEC": "1", "COLUMNS": "400"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "sdtrain", "train", "lora", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert proc.returncode == 2
+    line = RUN.splitlines().index("network_dim = 4") + 1
+    assert f"bad.toml:{line}" in proc.stderr and "network.network_dim" in proc.stderr
