@@ -254,7 +254,7 @@ def test_network_weights_and_dim_from_weights(tmp_path):
     path = tmp_path / "start.safetensors"
     kohya.save(path, kohya.state_dict(net), None)
     want = kohya.state_dict(net)
-    from conftest import tiny_text_encoder, tiny_unet
+    from tiny_parts import tiny_text_encoder, tiny_unet
 
     class Bundle:
         unet, text_encoder = tiny_unet(), tiny_text_encoder()

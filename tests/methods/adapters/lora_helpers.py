@@ -7,7 +7,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/methods (tiny models)
 
-from conftest import tiny_text_encoder, tiny_unet  # noqa: E402
+from tiny_parts import tiny_text_encoder, tiny_unet  # noqa: E402
+
 from sdtrain.config.methods import NetworkSection  # noqa: E402
 from sdtrain.methods.adapters.lora import LoraNetwork  # noqa: E402
 from sdtrain.methods.adapters.spec import LoraSpec  # noqa: E402

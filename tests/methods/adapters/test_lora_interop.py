@@ -18,7 +18,7 @@ def fresh_pipeline():
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from conftest import tiny_vae
+    from tiny_parts import tiny_vae
 
     return StableDiffusionPipeline(
         vae=tiny_vae(),

@@ -143,7 +143,7 @@ def test_peft_init_is_the_reference_init():
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from conftest import tiny_text_encoder, tiny_unet
+    from tiny_parts import tiny_text_encoder, tiny_unet
 
     spec = LoraSpec.from_section(NetworkSection(network_dim=8, network_args={"conv_dim": 8}))
     network = LoraNetwork.create(tiny_unet(), tiny_text_encoder(), spec)
