@@ -39,7 +39,7 @@ _LISTED = 5  # examples listed per warning / error
 
 
 @dataclass(frozen=True)
-class TrainingFacts:
+class StepSettings:
     """The few training keys the plan needs for its step/epoch totals."""
 
     max_train_steps: int = 1600
@@ -48,7 +48,7 @@ class TrainingFacts:
     num_processes: int = 1
 
     @classmethod
-    def from_section(cls, training: TrainingSection, num_processes: int = 1) -> TrainingFacts:
+    def from_section(cls, training: TrainingSection, num_processes: int = 1) -> StepSettings:
         """Facts of a [training] table (num_processes: data-parallel processes, 1 on one GPU)."""
         return cls(
             training.max_train_steps,
@@ -63,7 +63,7 @@ class Plan:
     """All datasets of a run, resolved to images, buckets and batches, plus the step totals."""
 
     datasets: list[DatasetPlan]
-    facts: TrainingFacts
+    facts: StepSettings
     steps: StepPlan | None  # None when there is nothing to train on
     source: str = ""
     skip_invalid_images: bool = False
@@ -313,7 +313,7 @@ def plan_dataset(
 def build_plan(
     section: DatasetSection,
     datasets: list[ResolvedDataset],
-    facts: TrainingFacts,
+    facts: StepSettings,
     source: str = "",
     write_caches: bool = False,
 ) -> Plan:
@@ -378,5 +378,5 @@ def plan_for_run(
         run_origins(loaded),
     )
     resolved = resolve_blueprint(blueprint, run_level_for(loaded))
-    facts = TrainingFacts.from_section(config.training, num_processes)
+    facts = StepSettings.from_section(config.training, num_processes)
     return build_plan(config.dataset, resolved, facts, blueprint.source, write_caches)
