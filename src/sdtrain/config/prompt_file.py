@@ -17,20 +17,14 @@ error where the reference silently did something surprising:
 
 from __future__ import annotations
 
-import json
 import logging
-import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, get_args
 
 from sdtrain.config.sections import SamplerName
+from sdtrain.config.toml_source import parse_config_text
 from sdtrain.errors import ConfigError, Problem
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on Python 3.10 only
-    import tomli as tomllib
 
 logger = logging.getLogger(__name__)
 
@@ -278,36 +272,17 @@ def _read_txt(path: Path, text: str, defaults: PromptDefaults) -> list[PromptSpe
     return specs
 
 
-def _entries_json(path: Path, text: str) -> list[tuple[Any, str, int | None]]:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        problem = Problem(
-            key="",
-            message=f"JSON syntax error: {exc.msg}",
-            file=str(path),
-            line=exc.lineno,
-            column=exc.colno,
-        )
-        raise ConfigError([problem], hint="fix the JSON syntax at the position shown") from exc
-    if not isinstance(data, list):
-        raise ConfigError(
-            [_problem(path, "a JSON prompt file must be a list of prompts")],
-            hint='write [{"prompt": "a cat", "width": 512}, "a dog --d 1"]',
-        )
-    return [(entry, f"entry {i + 1}", None) for i, entry in enumerate(data)]
-
-
-def _entries_toml(path: Path, text: str) -> list[tuple[Any, str, int | None]]:
-    from sdtrain.config.toml_source import locate_keys
-
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(
-            [_problem(path, f"TOML syntax error: {exc}")],
-            hint="fix the TOML syntax at the position shown",
-        ) from exc
+def _entries(path: Path, text: str) -> list[tuple[Any, str, int | None]]:
+    """(entry, label, line) of a JSON list or of a TOML `[prompt]` + `[[prompt.subset]]` file."""
+    doc = parse_config_text(path, text)
+    data = doc.data
+    if path.suffix.lower() == ".json":
+        if not isinstance(data, list):
+            raise ConfigError(
+                [_problem(path, "a JSON prompt file must be a list of prompts")],
+                hint='write [{"prompt": "a cat", "width": 512}, "a dog --d 1"]',
+            )
+        return [(entry, f"entry {i + 1}", None) for i, entry in enumerate(data)]
     table = data.get("prompt")
     hint = '[prompt] with shared keys, then [[prompt.subset]] entries with prompt = "..."'
     if not isinstance(table, dict) or not isinstance(table.get("subset"), list):
@@ -319,11 +294,10 @@ def _entries_toml(path: Path, text: str) -> list[tuple[Any, str, int | None]]:
         raise ConfigError(
             [_problem(path, f"unknown top-level table(s): {', '.join(unknown)}")], hint=hint
         )
-    lines = locate_keys(text)
     shared = {k: v for k, v in table.items() if k != "subset"}
     entries = []
     for i, subset in enumerate(table["subset"]):
-        line = lines.get(("prompt", "subset", i))
+        line = doc.lines.get(("prompt", "subset", i))
         merged = {**shared, **subset} if isinstance(subset, dict) else subset
         entries.append((merged, f"subset {i + 1}", line))
     return entries
@@ -375,9 +349,7 @@ def read_prompt_file(path: Path | str, defaults: PromptDefaults | None = None) -
 
 def _read_list(path: Path, text: str, defaults: PromptDefaults) -> list[PromptSpec]:
     base = _base(defaults)
-    entries = (
-        _entries_json(path, text) if path.suffix.lower() == ".json" else _entries_toml(path, text)
-    )
+    entries = _entries(path, text)
     specs: list[PromptSpec] = []
     problems: list[Problem] = []
     for entry, label, line in entries:

@@ -30,7 +30,7 @@ class SourceDoc:
     """A parsed config file: its data plus the line of every key path seen in its text."""
 
     path: Path
-    data: dict[str, Any]
+    data: Any  # a dict, except a JSON file whose top level is a list
     lines: dict[KeyPath, int] = field(default_factory=dict)
 
     def line_of(self, key: KeyPath) -> int | None:
@@ -115,6 +115,17 @@ def read_config_file(path: Path) -> SourceDoc:
         raise ConfigError(
             [Problem(key="", message=f"cannot read file: {exc}", file=str(path))]
         ) from exc
+    doc = parse_config_text(path, text)
+    if not isinstance(doc.data, dict):
+        raise ConfigError(
+            [Problem(key="", message="the top level must be an object", file=str(path))]
+        )
+    return doc
+
+
+def parse_config_text(path: Path, text: str) -> SourceDoc:
+    """Parse `.toml`/`.json` text (JSON may have any top level); located syntax errors."""
+    path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".json":
         try:
@@ -128,10 +139,6 @@ def read_config_file(path: Path) -> SourceDoc:
                 column=exc.colno,
             )
             raise ConfigError([problem]) from exc
-        if not isinstance(data, dict):
-            raise ConfigError(
-                [Problem(key="", message="the top level must be an object", file=str(path))]
-            )
         return SourceDoc(path=path, data=data, lines={})
     if suffix != ".toml":
         raise ConfigError(
