@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shlex
-import sys
 
 import typer
 
@@ -43,7 +42,8 @@ def _run(ctx: typer.Context, command: str, dry_run: bool, help_config: bool) -> 
         out.print(Syntax(resolved_toml(loaded.config), "toml", theme="ansi_dark"))
         console.print("[green]dry run: configuration and data are valid; nothing was trained.")
         return
-    hint = "sdtrain " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else ""
+    # from the parsed command, not sys.argv (which is the host's when invoked in-process)
+    hint = " ".join(shlex.quote(a) for a in ["sdtrain", "train", command, *ctx.args])
     result = execute(prepared, resume_hint=_without_resume(hint))
     console.print(f"[green]done:[/green] {result.global_step} optimizer steps")
     for path in result.outputs:

@@ -67,6 +67,10 @@ def _convert(info: KeyInfo, tokens: list[str]) -> Any:
 
 
 def _has_scalar(annotation: Any) -> bool:
+    """True when a union offers a plain scalar (`float | list[float]`); a bare `list[str]` does
+    not (its element type is no alternative: one value must still become a one-item list)."""
+    if typing.get_origin(annotation) in (list, tuple, set):
+        return False
     return any(a in (int, float, str) for a in typing.get_args(annotation))
 
 

@@ -190,6 +190,7 @@ class TrainDataset:
                 num_workers=self.workers,
                 collate_fn=_identity,
                 persistent_workers=self.persistent_workers,
+                worker_init_fn=_leave_interrupts_to_main,
             )
         assert self._sampler is not None
         self._sampler.items = [(epoch, pos) for pos in range(start, len(order))]
@@ -218,6 +219,14 @@ def transform_spec(subset: SubsetPlan, entry: ImageEntry, flip: bool, bucketed: 
 
 def _identity(item: Any) -> Any:
     return item
+
+
+def _leave_interrupts_to_main(worker_id: int) -> None:
+    """Workers ignore SIGINT: Ctrl-C in a terminal reaches the whole process group, and the
+    main process finishes the step (and needs its workers for that) before writing a state."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class _Positions:

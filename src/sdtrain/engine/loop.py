@@ -24,7 +24,14 @@ from sdtrain.data.batch import Batch
 from sdtrain.data.steps import StepPlan
 from sdtrain.engine import naming
 from sdtrain.engine.metrics import Trackers
-from sdtrain.engine.state import Counters, LoadedState, StateParts, save_state
+from sdtrain.engine.state import (
+    DELETING,
+    Counters,
+    LoadedState,
+    StateParts,
+    save_state,
+    tidy_output_dir,
+)
 from sdtrain.errors import Interrupted, TrainingError
 from sdtrain.methods.base import Method, SavePoint
 from sdtrain.models.bundle import ModelBundle
@@ -176,12 +183,16 @@ class Trainer:
         )
 
     def _save(self, stem: str, counters: Counters, with_state: bool, final: bool) -> None:
+        # Epochs completed, as the reference's ss_epoch: step and epoch saves count finished
+        # epochs only (epoch saves run after the counter moved on); the final save counts the
+        # epoch it ends in. (Passing the in-progress counter made epoch saves say one too many.)
+        ended_mid_epoch = final and counters.position > 0
+        epoch_done = counters.epoch if ended_mid_epoch else counters.epoch - 1
         metadata = (
-            self.hooks.save_metadata(counters.global_step, counters.epoch)
+            self.hooks.save_metadata(counters.global_step, epoch_done)
             if self.hooks.save_metadata
             else {}
         )
-        epoch_done = counters.epoch - 1 if counters.position == 0 else counters.epoch
         point = SavePoint(self.output_dir, stem, epoch_done, counters.global_step, final, metadata)
         with self._eval_mode():
             self.outputs.extend(self.method.export(self.bundle, point))
@@ -210,7 +221,6 @@ class Trainer:
 
     def _retention(self, kind: str, value: int) -> None:
         saving = self.sections.saving
-        ext_files = list(self.outputs)
         if kind == "epoch":
             victim = naming.epoch_to_delete(
                 value, saving.save_every_n_epochs, saving.save_last_n_epochs
@@ -233,11 +243,14 @@ class Trainer:
             )
             stem = naming.step_stem
         if victim is not None:
+            # by name in the folder, not only this process's outputs: saves written before a
+            # resume fall out of the window too
             old = stem(self.output_name, victim)
-            for path in ext_files:
+            for path in sorted(self.output_dir.iterdir()):
                 if path.name.startswith(old + ".") or path.name == old:
                     _remove(path)
-                    self.outputs.remove(path)
+                    if path in self.outputs:
+                        self.outputs.remove(path)
         if state_victim is not None:
             folder = self.output_dir / naming.state_dir_name(stem(self.output_name, state_victim))
             if self.resume is None or folder.resolve() != self.resume.folder.resolve():
@@ -256,6 +269,7 @@ class Trainer:
         counters = self._restore()
         steps, saving, training = self.steps, self.sections.saving, self.sections.training
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        tidy_output_dir(self.output_dir)
         if self.resume is not None:
             truncate_metrics(self.output_dir / METRICS_FILE, counters.global_step)
         metrics = MetricsLog(self.output_dir, self.trackers)
@@ -330,13 +344,14 @@ class Trainer:
                                 counters.global_step,
                                 ", ".join(window_paths),
                             )
-                            if len(bad_run) >= training.max_nonfinite_steps:
-                                self._stop_nonfinite(before_bad, bad_run)
                         for group, lr in zip(
                             self.groups, self.scheduler.get_last_lr(), strict=False
                         ):
                             record[f"lr/{group.name}"] = lr
                         metrics.write(record)
+                        if len(bad_run) >= training.max_nonfinite_steps:
+                            # after the record: the step that ends the run is reported too
+                            self._stop_nonfinite(before_bad, bad_run)
                         if last_loss is not None:
                             smoothed = (
                                 last_loss if smoothed is None else 0.9 * smoothed + 0.1 * last_loss
@@ -492,9 +507,17 @@ class Trainer:
 
 
 def _remove(path: Path) -> None:
+    """Delete a file, or a folder by first renaming it to a hidden name (so a kill mid-delete
+    never leaves a half-deleted state under its final name; leftovers are tidied later)."""
+    import os
     import shutil
 
     if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
+        hidden = path.parent / f".{path.name}{DELETING}{os.getpid()}-{time.monotonic_ns()}"
+        try:
+            os.replace(path, hidden)
+        except OSError:
+            return
+        shutil.rmtree(hidden, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sdtrain.config.sections import SavingSection
 from sdtrain.engine.state import find_latest_state
 from sdtrain.errors import TrainingError
+
+if TYPE_CHECKING:
+    from sdtrain.data.items import DatasetPlan
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +48,33 @@ def resolve_resume(saving: SavingSection, output_dir: Path) -> Path | None:
             logger.info('resume = "auto": no complete state in %s, starting fresh', output_dir)
         return found
     return Path(saving.resume)
+
+
+def data_fingerprint(datasets: list[DatasetPlan], batches_per_epoch: int) -> dict[str, Any]:
+    """The `[data]` table a state records beside the config: image count, batches per epoch and
+    a digest of every image's path (relative to its subset folder, so a moved dataset still
+    matches), file size, caption, repeats and role.
+
+    Catches what no config key shows: images or captions added, removed or edited in the
+    folders (or a blueprint file edited) between a save and its resume.
+    """
+    digest = hashlib.sha256()
+    count = 0
+    for plan in datasets:
+        for subset in plan.subsets:
+            base = subset.image_dir
+            for entry in subset.images:
+                path = entry.path
+                name = path.relative_to(base) if base and path.is_relative_to(base) else path
+                size = path.stat().st_size if path.is_file() else -1
+                row = [plan.index, subset.index, str(name), size, entry.caption]
+                digest.update(json.dumps([*row, entry.num_repeats, entry.is_reg]).encode())
+                count += 1
+    return {
+        "images": count,
+        "batches_per_epoch": batches_per_epoch,
+        "digest": digest.hexdigest()[:16],
+    }
 
 
 def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:

@@ -27,6 +27,11 @@ MANIFEST = "manifest.json"
 COUNTERS = "train_state.json"
 CONFIG = "config.json"
 STATE_FORMAT = 1
+# Hidden siblings of a state folder `X`: `.X.tmp-*` (being written), `.X.old-*` (the copy being
+# replaced), `.X.del-*` (being deleted). A kill can leave any of them; tidy_output_dir sorts them.
+WRITING = ".tmp-"
+REPLACED = ".old-"
+DELETING = ".del-"
 
 
 @dataclass
@@ -102,7 +107,7 @@ def save_state(folder: Path, parts: StateParts) -> Path:
     folder = Path(folder)
     parent = folder.parent
     parent.mkdir(parents=True, exist_ok=True)
-    tmp = parent / f".{folder.name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
+    tmp = parent / f".{folder.name}{WRITING}{os.getpid()}-{time.monotonic_ns()}"
     tmp.mkdir()
     try:
         save_safetensors(tmp / "trainable.safetensors", parts.trainable)
@@ -131,9 +136,15 @@ def save_state(folder: Path, parts: StateParts) -> Path:
         _fsync_dir(tmp)
         old = None
         if folder.exists():
-            old = parent / f".{folder.name}.old-{os.getpid()}-{time.monotonic_ns()}"
+            # a folder cannot be renamed over a non-empty one: move the old copy aside first
+            old = parent / f".{folder.name}{REPLACED}{os.getpid()}-{time.monotonic_ns()}"
             os.replace(folder, old)
-        os.replace(tmp, folder)
+        try:
+            os.replace(tmp, folder)
+        except BaseException:
+            if old is not None and not folder.exists():
+                os.replace(old, folder)  # interrupted between the two renames: keep the old one
+            raise
         _fsync_dir(parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
@@ -163,9 +174,40 @@ def verify_state(folder: Path) -> str | None:
     return None
 
 
+def tidy_output_dir(output_dir: Path) -> None:
+    """Clear what killed saves left behind: temp files and half-written or half-deleted state
+    folders are removed; a replaced state whose new copy never arrived is put back."""
+    from sdtrain.atomic import is_temp_name
+
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return
+    for path in sorted(folder.iterdir()):
+        name = path.name
+        if not name.startswith("."):
+            continue
+        if path.is_dir() and REPLACED in name:
+            original = folder / name[1:].rsplit(REPLACED, 1)[0]
+            if not original.exists() and verify_state(path) is None:
+                os.replace(path, original)
+                logger.info("restored state %s (its replacement was never completed)", original)
+                continue
+        if path.is_dir() and (WRITING in name or REPLACED in name or DELETING in name):
+            shutil.rmtree(path, ignore_errors=True)
+            logger.info("removed %s left by an interrupted save", path.name)
+        elif path.is_file() and is_temp_name(path):
+            path.unlink(missing_ok=True)
+            logger.info("removed %s left by an interrupted save", path.name)
+
+
 def find_latest_state(output_dir: Path) -> Path | None:
-    """The newest state folder under `output_dir` whose manifest verifies; bad ones are named."""
-    best: tuple[int, float, Path] | None = None
+    """The most recently written state folder under `output_dir` whose manifest verifies (bad
+    ones are named in warnings).
+
+    Newest by write time, not by step: after resuming from an earlier state (e.g. the one a
+    non-finite stop names), a higher-step state of the abandoned attempt must not win.
+    """
+    best: tuple[float, int, Path] | None = None
     for folder in sorted(Path(output_dir).glob("*-state")):
         if not folder.is_dir() or folder.name.startswith("."):
             continue
@@ -174,7 +216,7 @@ def find_latest_state(output_dir: Path) -> Path | None:
             logger.warning("skipping state %s: %s", folder, problem)
             continue
         manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-        rank = (int(manifest["global_step"]), float(manifest["created"]), folder)
+        rank = (float(manifest["created"]), int(manifest["global_step"]), folder)
         if best is None or rank[:2] > best[:2]:
             best = rank
     return best[2] if best else None

@@ -22,8 +22,15 @@ class StopFlag:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.requested is not None:
-            logger.warning("second interrupt: aborting now (files already written stay intact)")
-            raise KeyboardInterrupt
+            from sdtrain.errors import Interrupted
+
+            # Interrupted (exit 130), not KeyboardInterrupt: click would turn that into exit 1
+            raise Interrupted(
+                f"second {signal.Signals(signum).name}: aborted at once, no state written for "
+                "the step in progress (files already written stay intact)",
+                hint="run the same command with --resume auto to continue from the newest "
+                "complete state",
+            )
         self.requested = signal.Signals(signum).name
         logger.warning(
             "%s received: finishing the current step and writing a state "

@@ -152,7 +152,7 @@ def execute(prepared: Prepared, resume_hint: str) -> TrainResult:
     from sdtrain.engine.loop import EngineSections, Hooks, Trainer
     from sdtrain.engine.metrics import Trackers
     from sdtrain.engine.precision import precision_for
-    from sdtrain.engine.resume import check_resume_config
+    from sdtrain.engine.resume import check_resume_config, data_fingerprint
     from sdtrain.engine.sampling import SampleHook, load_prompts
     from sdtrain.engine.state import load_state
     from sdtrain.methods.adapters.metadata import training_metadata
@@ -163,10 +163,17 @@ def execute(prepared: Prepared, resume_hint: str) -> TrainResult:
     prepared.plan.require_valid()
     output_dir = Path(str(cfg.training.output_dir))
     current = resolved_dict(cfg)
+    steps = prepared.plan.steps
+    assert steps is not None
+    # what a state records and a resume compares: the config plus the data it trains on
+    state_config = {
+        **current,
+        "data": data_fingerprint(prepared.plan.datasets, steps.batches_per_epoch),
+    }
     state = None
     if prepared.resume_folder is not None:
         state = load_state(prepared.resume_folder)
-        check_resume_config(state.config, current, cfg.saving.resume_allow_changes)
+        check_resume_config(state.config, state_config, cfg.saving.resume_allow_changes)
     method = _build_method(prepared.command, loaded)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = precision_for(cfg.training, cfg.model.no_half_vae, device.type)
@@ -175,8 +182,6 @@ def execute(prepared: Prepared, resume_hint: str) -> TrainResult:
     output_dir.mkdir(parents=True, exist_ok=True)
     write_text(output_dir / "config.toml", text)
     data = _data(prepared, bundle, precision.vae)
-    steps = prepared.plan.steps
-    assert steps is not None
     trackers = (
         Trackers(cfg.logging, f"sdtrain-{prepared.command}", current)
         if cfg.logging.log_with or cfg.logging.logging_dir
@@ -223,7 +228,7 @@ def execute(prepared: Prepared, resume_hint: str) -> TrainResult:
         output_dir,
         cfg.training.output_name,
         prepared.seed,
-        current,
+        state_config,
         Hooks(sample=sampler, save_metadata=metadata),
         resume=state,
         resume_hint=resume_hint,
