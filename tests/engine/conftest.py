@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 from train_runs import make_dataset, write_config
 
@@ -32,13 +30,3 @@ def straight(tmp_path_factory, run_data):
     result = _runner()(["train", "lora", str(config)])
     assert result.exit_code == 0, result.output
     return root / "out"
-
-
-@pytest.fixture
-def sdtrain_log(caplog):
-    """caplog that also sees the `sdtrain` logger (the CLI stops it propagating to the root)."""
-    logger = logging.getLogger("sdtrain")
-    logger.addHandler(caplog.handler)
-    caplog.set_level(logging.INFO, logger="sdtrain")
-    yield caplog
-    logger.removeHandler(caplog.handler)
