@@ -152,3 +152,13 @@ def test_plan_accepts_any_method_table(tmp_path):
     path = write(tmp_path, "[network]\nnetwork_dim = 8\n[general]\nresolution = 512\n")
     loaded = load_run_config([str(path)], "plan")
     assert loaded.config.general == {"resolution": 512}
+
+
+def test_resume_path_resolves_against_the_file_but_auto_stays(tmp_path):
+    path = write(tmp_path, '[saving]\nresume = "out/x-state"\n')
+    assert load_run_config([str(path)], "lora").config.saving.resume == str(
+        (tmp_path / "out/x-state").resolve()
+    )
+    auto = write(tmp_path, '[saving]\nresume = "auto"\n', "auto.toml")
+    assert load_run_config([str(auto)], "lora").config.saving.resume == "auto"
+    assert load_run_config(["--resume", "auto"], "lora").config.saving.resume == "auto"

@@ -18,6 +18,10 @@ def path_field(default: Any = None, description: str = "") -> Any:
     return Field(default, description=description, json_schema_extra={"path": True})
 
 
+# values of path fields that name a mode, not a file ("auto" resume)
+PATH_KEYWORDS = frozenset({"auto"})
+
+
 def is_path_field(model: type[BaseModel], name: str) -> bool:
     """True when `name` of `model` was declared with path_field()."""
     info = model.model_fields.get(name)

@@ -10,6 +10,7 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
+from sdtrain.config.base import PATH_KEYWORDS
 from sdtrain.config.schema_index import KeyInfo, suggest
 from sdtrain.errors import Problem
 
@@ -172,7 +173,12 @@ def parse_flags(args: list[str], keys: dict[str, KeyInfo]) -> FlagValues:
                 )
             )
             continue
-        if info.is_path and isinstance(value, str) and not _is_special(value):
+        if (
+            info.is_path
+            and isinstance(value, str)
+            and not _is_special(value)
+            and value not in PATH_KEYWORDS
+        ):
             value = os.path.abspath(value)
         result.set(info, value)
     return result

@@ -9,6 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from sdtrain.config.base import PATH_KEYWORDS
 from sdtrain.config.flags import CLI, parse_flags
 from sdtrain.config.methods import METHOD_TABLES
 from sdtrain.config.problems import problems_from_validation
@@ -49,7 +50,13 @@ def _resolve_paths(raw: dict[str, Any], schema: type[BaseModel], base: Path) -> 
             continue
         for key, value in values.items():
             info = keys.get(key)
-            if info is not None and info.table == table and info.is_path and isinstance(value, str):
+            if (
+                info is not None
+                and info.table == table
+                and info.is_path
+                and isinstance(value, str)
+                and value not in PATH_KEYWORDS
+            ):
                 path = Path(value).expanduser()
                 values[key] = str(path if path.is_absolute() else (base / path).resolve())
 

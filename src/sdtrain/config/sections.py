@@ -296,7 +296,7 @@ class SavingSection(Section):
     )
     save_state: bool = Field(False, description="write a resumable state with every model save")
     save_state_on_train_end: bool = Field(False, description="write a resumable state at the end")
-    resume: str | None = Field(None, description='state folder to continue from, or "auto"')
+    resume: str | None = path_field(None, 'state folder to continue from, or "auto"')
     resume_allow_changes: list[str] = Field(
         default_factory=list,
         description='config keys (table.key, or "*") allowed to differ from the resumed state',

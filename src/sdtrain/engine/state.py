@@ -240,6 +240,11 @@ class LoadedState:
         _restore_rng(self.rng)
 
 
+def load_state_config(folder: Path) -> dict[str, Any]:
+    """The resolved config (and data fingerprint) a state was written with, without tensors."""
+    return json.loads((Path(folder) / CONFIG).read_text(encoding="utf-8"))
+
+
 def load_counters(folder: Path) -> Counters:
     """Just the counters (seed, step, epoch) of a state folder, without loading tensors."""
     return Counters(**json.loads((Path(folder) / COUNTERS).read_text(encoding="utf-8")))

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sdtrain.config.loader import LoadedConfig
-from sdtrain.errors import ConfigError, Problem
+from sdtrain.errors import ConfigError, Problem, TrainingError
 
 if TYPE_CHECKING:
     from sdtrain.data.plan import Plan
@@ -30,6 +30,7 @@ class Prepared:
     plan: Plan
     seed: int
     resume_folder: Path | None
+    state_config: dict[str, Any]  # what a state records: the resolved config + data fingerprint
 
 
 def _require(loaded: LoadedConfig) -> None:
@@ -65,8 +66,9 @@ def _file(loaded: LoadedConfig) -> str | None:
 def prepare(loaded: LoadedConfig, command: str) -> Prepared:
     """Validate everything that needs no weights: required keys, the dataset plan, the seed,
     the prompt file, the state to resume from and its config differences."""
+    from sdtrain.config.resolved import resolved_dict
     from sdtrain.data.plan import plan_for_run
-    from sdtrain.engine.resume import resolve_resume
+    from sdtrain.engine.resume import check_resume_config, data_fingerprint, resolve_resume
 
     _require(loaded)
     cfg = loaded.config
@@ -85,7 +87,22 @@ def prepare(loaded: LoadedConfig, command: str) -> Prepared:
         from sdtrain.engine.sampling import load_prompts
 
         load_prompts(cfg.sample, 512)  # parse now: a bad prompt file fails before training
-    return Prepared(loaded, command, plan, seed, resume_folder)
+    state_config: dict[str, Any] = resolved_dict(cfg)
+    if plan.steps is not None:
+        state_config["data"] = data_fingerprint(plan.datasets, plan.steps.batches_per_epoch)
+    if resume_folder is not None:
+        from sdtrain.engine.state import load_state_config, verify_state
+
+        problem = verify_state(resume_folder) if resume_folder.is_dir() else "not found"
+        if problem:
+            raise TrainingError(
+                f"cannot resume from {resume_folder}: {problem}",
+                hint='check the path, or use resume = "auto" to pick the newest complete state',
+            )
+        check_resume_config(
+            load_state_config(resume_folder), state_config, cfg.saving.resume_allow_changes
+        )
+    return Prepared(loaded, command, plan, seed, resume_folder, state_config)
 
 
 def _build_method(command: str, loaded: LoadedConfig) -> Method:
@@ -152,7 +169,6 @@ def execute(prepared: Prepared, resume_hint: str) -> TrainResult:
     from sdtrain.engine.loop import EngineSections, Hooks, Trainer
     from sdtrain.engine.metrics import Trackers
     from sdtrain.engine.precision import precision_for
-    from sdtrain.engine.resume import check_resume_config, data_fingerprint
     from sdtrain.engine.sampling import SampleHook, load_prompts
     from sdtrain.engine.state import load_state
     from sdtrain.methods.adapters.metadata import training_metadata
@@ -165,15 +181,8 @@ def execute(prepared: Prepared, resume_hint: str) -> TrainResult:
     current = resolved_dict(cfg)
     steps = prepared.plan.steps
     assert steps is not None
-    # what a state records and a resume compares: the config plus the data it trains on
-    state_config = {
-        **current,
-        "data": data_fingerprint(prepared.plan.datasets, steps.batches_per_epoch),
-    }
-    state = None
-    if prepared.resume_folder is not None:
-        state = load_state(prepared.resume_folder)
-        check_resume_config(state.config, state_config, cfg.saving.resume_allow_changes)
+    state_config = prepared.state_config
+    state = load_state(prepared.resume_folder) if prepared.resume_folder is not None else None
     method = _build_method(prepared.command, loaded)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = precision_for(cfg.training, cfg.model.no_half_vae, device.type)
