@@ -24,8 +24,8 @@ from sdtrain.data.batch import Batch
 from sdtrain.data.steps import StepPlan
 from sdtrain.engine import naming
 from sdtrain.engine.metrics import Trackers
+from sdtrain.engine.saves import SavePolicy, nonfinite_cause
 from sdtrain.engine.state import (
-    DELETING,
     Counters,
     LoadedState,
     StateParts,
@@ -219,43 +219,6 @@ class Trainer:
             return switch()
         return contextlib.nullcontext()
 
-    def _retention(self, kind: str, value: int) -> None:
-        saving = self.sections.saving
-        if kind == "epoch":
-            victim = naming.epoch_to_delete(
-                value, saving.save_every_n_epochs, saving.save_last_n_epochs
-            )
-            state_victim = naming.epoch_to_delete(
-                value,
-                saving.save_every_n_epochs,
-                saving.save_last_n_epochs_state or saving.save_last_n_epochs,
-            )
-            stem = naming.epoch_stem
-        else:
-            victim = naming.step_to_delete(
-                value, saving.save_every_n_steps, saving.save_last_n_steps
-            )
-            state_victim = naming.step_to_delete(
-                value,
-                saving.save_every_n_steps,
-                saving.save_last_n_steps_state or saving.save_last_n_steps,
-                is_state=True,
-            )
-            stem = naming.step_stem
-        if victim is not None:
-            # by name in the folder, not only this process's outputs: saves written before a
-            # resume fall out of the window too
-            old = stem(self.output_name, victim)
-            for path in sorted(self.output_dir.iterdir()):
-                if path.name.startswith(old + ".") or path.name == old:
-                    _remove(path)
-                    if path in self.outputs:
-                        self.outputs.remove(path)
-        if state_victim is not None:
-            folder = self.output_dir / naming.state_dir_name(stem(self.output_name, state_victim))
-            if self.resume is None or folder.resolve() != self.resume.folder.resolve():
-                _remove(folder)
-
     # ----------------------------------------------------------------- the loop
     def run(self) -> TrainResult:
         """Train to the planned step count; returns what was written."""
@@ -267,7 +230,15 @@ class Trainer:
 
         self._setup()
         counters = self._restore()
-        steps, saving, training = self.steps, self.sections.saving, self.sections.training
+        self.saves = SavePolicy(
+            self.sections.saving,
+            self.output_dir,
+            self.output_name,
+            self.steps.num_epochs,
+            self.steps.total_steps,
+            self.resume.folder if self.resume is not None else None,
+        )
+        steps, training = self.steps, self.sections.training
         self.output_dir.mkdir(parents=True, exist_ok=True)
         tidy_output_dir(self.output_dir)
         if self.resume is not None:
@@ -383,17 +354,17 @@ class Trainer:
                     if stop.requested:
                         self._interrupt(counters, stop.requested)
                 final = naming.final_stem(self.output_name)
-                self._save(
-                    final,
-                    counters,
-                    with_state=saving.save_state or saving.save_state_on_train_end,
-                    final=True,
-                )
+                self._save(final, counters, with_state=self.saves.final_state, final=True)
                 if self.hooks.sample:
                     self.hooks.sample("final", counters.epoch, counters.global_step)
         finally:
             metrics.close()
         return TrainResult(counters.global_step, counters.epoch, list(self.outputs), last_loss)
+
+    def _retire(self, kind: str, value: int) -> None:
+        for path in self.saves.retire(kind, value):
+            if path in self.outputs:
+                self.outputs.remove(path)
 
     def _step_of(self, epoch: int) -> Callable[[int], int]:
         steps = self.steps
@@ -438,20 +409,15 @@ class Trainer:
         return True
 
     def _after_step_events(self, counters: Counters) -> None:
-        saving = self.sections.saving
         step = counters.global_step
-        if (
-            saving.save_every_n_steps
-            and step % saving.save_every_n_steps == 0
-            and step < self.steps.total_steps
-        ):
+        if self.saves.step_due(step):
             self._save(
                 naming.step_stem(self.output_name, step),
                 counters,
-                with_state=saving.save_state,
+                with_state=self.sections.saving.save_state,
                 final=False,
             )
-            self._retention("step", step)
+            self._retire("step", step)
         if self.hooks.sample:
             self.hooks.sample("step", counters.epoch, step)
 
@@ -459,18 +425,14 @@ class Trainer:
         epoch = counters.epoch
         counters.epoch += 1
         counters.position = 0
-        saving = self.sections.saving
-        every = saving.save_every_n_epochs
-        if saving.save_n_epoch_ratio:
-            every = max(1, self.steps.num_epochs // saving.save_n_epoch_ratio)
-        if every and epoch % every == 0 and epoch < self.steps.num_epochs:
+        if self.saves.epoch_due(epoch):
             self._save(
                 naming.epoch_stem(self.output_name, epoch),
                 counters,
-                with_state=saving.save_state,
+                with_state=self.sections.saving.save_state,
                 final=False,
             )
-            self._retention("epoch", epoch)
+            self._retire("epoch", epoch)
         if self.hooks.sample:
             self.hooks.sample("epoch", epoch, counters.global_step)
 
@@ -492,32 +454,9 @@ class Trainer:
             self.output_dir / naming.state_dir_name(stem),
             self._state_parts(counters, scheduler_state),
         )
-        repeated = set.intersection(*(set(p.split(", ")) for p in paths)) if paths else set()
-        if repeated:
-            cause = f"the same image is in every bad batch: {', '.join(sorted(repeated))}"
-        elif self.precision.mixed_precision == "fp16":
-            cause = 'likely fp16 overflow: try mixed_precision = "bf16" or no_half_vae'
-        else:
-            cause = "likely a learning rate that is too high (or a corrupt image)"
+        cause = nonfinite_cause(paths, self.precision.mixed_precision)
         raise TrainingError(
             f"{len(paths)} consecutive steps had a non-finite loss or gradient; {cause}",
             hint=f"a state from before the first bad step is at {folder}; fix the cause and "
             f"resume with: {self.resume_hint} --resume {folder}".strip(),
         )
-
-
-def _remove(path: Path) -> None:
-    """Delete a file, or a folder by first renaming it to a hidden name (so a kill mid-delete
-    never leaves a half-deleted state under its final name; leftovers are tidied later)."""
-    import os
-    import shutil
-
-    if path.is_dir():
-        hidden = path.parent / f".{path.name}{DELETING}{os.getpid()}-{time.monotonic_ns()}"
-        try:
-            os.replace(path, hidden)
-        except OSError:
-            return
-        shutil.rmtree(hidden, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)

@@ -1,0 +1,116 @@
+"""Save policy: when the reference cadence saves (§9.4), retention of old saves and states, and
+deletes that a kill cannot leave half-done."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+from sdtrain.config.sections import SavingSection
+from sdtrain.engine import naming
+from sdtrain.engine.state import DELETING
+
+
+class SavePolicy:
+    """Decides which save points a run has and which old ones fall out of the retention window."""
+
+    def __init__(
+        self,
+        saving: SavingSection,
+        output_dir: Path,
+        output_name: str | None,
+        num_epochs: int,
+        total_steps: int,
+        protected: Path | None = None,
+    ) -> None:
+        self.saving = saving
+        self.output_dir = Path(output_dir)
+        self.output_name = output_name
+        self.num_epochs = num_epochs
+        self.total_steps = total_steps
+        self.protected = protected.resolve() if protected is not None else None
+
+    def step_due(self, step: int) -> bool:
+        """A periodic step save after optimizer step `step` (never the final step)."""
+        every = self.saving.save_every_n_steps
+        return bool(every) and step % every == 0 and step < self.total_steps
+
+    def epoch_every(self) -> int | None:
+        """Epoch save interval (save_n_epoch_ratio wins over save_every_n_epochs)."""
+        if self.saving.save_n_epoch_ratio:
+            return max(1, self.num_epochs // self.saving.save_n_epoch_ratio)
+        return self.saving.save_every_n_epochs
+
+    def epoch_due(self, epoch: int) -> bool:
+        """A periodic save after epoch `epoch` (the last epoch is saved under the final name)."""
+        every = self.epoch_every()
+        return bool(every) and epoch % every == 0 and epoch < self.num_epochs
+
+    @property
+    def final_state(self) -> bool:
+        return self.saving.save_state or self.saving.save_state_on_train_end
+
+    def retire(self, kind: str, value: int) -> list[Path]:
+        """Delete the save (and state) that falls out of the window after saving `value`.
+
+        Works by name in the output folder, so saves written before a resume retire too; the
+        state a running resume started from is never deleted. Returns the deleted paths.
+        """
+        saving = self.saving
+        if kind == "epoch":
+            every = self.epoch_every()
+            victim = naming.epoch_to_delete(value, every, saving.save_last_n_epochs)
+            state_victim = naming.epoch_to_delete(
+                value, every, saving.save_last_n_epochs_state or saving.save_last_n_epochs
+            )
+            stem = naming.epoch_stem
+        else:
+            every = saving.save_every_n_steps
+            victim = naming.step_to_delete(value, every, saving.save_last_n_steps)
+            state_victim = naming.step_to_delete(
+                value,
+                every,
+                saving.save_last_n_steps_state or saving.save_last_n_steps,
+                is_state=True,
+            )
+            stem = naming.step_stem
+        removed: list[Path] = []
+        if victim is not None:
+            old = stem(self.output_name, victim)
+            for path in sorted(self.output_dir.iterdir()):
+                if path.name.startswith(old + ".") or path.name == old:
+                    remove(path)
+                    removed.append(path)
+        if state_victim is not None:
+            folder = self.output_dir / naming.state_dir_name(stem(self.output_name, state_victim))
+            if self.protected is None or folder.resolve() != self.protected:
+                remove(folder)
+                removed.append(folder)
+        return removed
+
+
+def nonfinite_cause(bad_batches: list[str], mixed_precision: str) -> str:
+    """A diagnosis for consecutive non-finite steps (bad_batches: ", "-joined image paths)."""
+    sets = [set(p.split(", ")) for p in bad_batches]
+    repeated = set.intersection(*sets) if sets else set()
+    if repeated:
+        return f"the same image is in every bad batch: {', '.join(sorted(repeated))}"
+    if mixed_precision == "fp16":
+        return 'likely fp16 overflow: try mixed_precision = "bf16" or no_half_vae'
+    return "likely a learning rate that is too high (or a corrupt image)"
+
+
+def remove(path: Path) -> None:
+    """Delete a file, or a folder by first renaming it to a hidden name (so a kill mid-delete
+    never leaves a half-deleted state under its final name; leftovers are tidied later)."""
+    if path.is_dir():
+        hidden = path.parent / f".{path.name}{DELETING}{os.getpid()}-{time.monotonic_ns()}"
+        try:
+            os.replace(path, hidden)
+        except OSError:
+            return
+        shutil.rmtree(hidden, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
