@@ -65,9 +65,15 @@ def _on_sigint(signum: int, frame: object) -> None:
 
 
 def run() -> None:
-    """Console-script entry: run the app, render SdtrainErrors once, map exit codes."""
+    """Console-script entry: run the app, render SdtrainErrors once, map exit codes.
+
+    `train` commands first re-execute the process once with a faster memory allocator
+    (tcmalloc or glibc tunables; opt out with SDTRAIN_NO_REEXEC=1): see sdtrain.cli.allocator.
+    """
+    from sdtrain.cli.allocator import maybe_reexec
     from sdtrain.errors import SdtrainError
 
+    maybe_reexec(sys.argv[1:])
     signal.signal(signal.SIGINT, _on_sigint)
     _register_groups()
     try:

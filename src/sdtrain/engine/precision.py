@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -64,3 +66,39 @@ def apply_precision(modules: list[torch.nn.Module], precision: Precision) -> Non
         for name, buf in module.named_buffers():
             if buf.is_floating_point() and buf.dtype != precision.weight and "alpha" not in name:
                 buf.data = buf.data.to(precision.weight)
+
+
+def redundant_input_casts(
+    modules: list[torch.nn.Module], precision: Precision
+) -> list[torch.nn.Module]:
+    """The adapter (peft) layers whose input cast is redundant in the autocast training forward.
+
+    peft casts a LoRA layer's input to the adapter weight's dtype (fp32) before the adapter's
+    matmul, and autocast casts it straight back to bf16/fp16 for that matmul: two copies of a
+    full activation per adapted layer (and two more in backward) for bit-identical results.
+    Measured: 4-7% of a bf16 step on the small benchmark model. Empty without autocast or when
+    the adapters have the weights' dtype (full_bf16 / full_fp16).
+    """
+    if not precision.autocast or precision.trainable == precision.weight:
+        return []
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        return []
+    return [m for module in modules for m in module.modules() if isinstance(m, BaseTunerLayer)]
+
+
+@contextlib.contextmanager
+def input_casts_off(layers: list[torch.nn.Module]) -> Iterator[None]:
+    """Switch peft's input cast off in `layers` for the block (peft's own flag; restored after).
+
+    Only for code running under autocast: outside it, fp32 adapters would get bf16 inputs.
+    """
+    saved = [getattr(layer, "cast_input_dtype_enabled", True) for layer in layers]
+    for layer in layers:
+        layer.cast_input_dtype_enabled = False
+    try:
+        yield
+    finally:
+        for layer, value in zip(layers, saved, strict=True):
+            layer.cast_input_dtype_enabled = value

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -26,6 +26,14 @@ class StepContext:
     loss: LossRecipe
     precision: Precision
     device: torch.device
+    # peft layers whose redundant fp32 input cast is switched off inside the autocast forward
+    uncast: list[Any] = field(init=False, default_factory=list)
+
+    def __post_init__(self) -> None:
+        from sdtrain.engine.precision import redundant_input_casts
+
+        modules = [self.bundle.unet, self.bundle.text_encoder]
+        self.uncast = redundant_input_casts(modules, self.precision)
 
 
 def encode_latents(ctx: StepContext, batch: Batch, generator: torch.Generator) -> torch.Tensor:
@@ -49,6 +57,8 @@ def micro_step_loss(ctx: StepContext, batch: Batch, generator: torch.Generator) 
     """The recipe loss of one micro-batch (a 0-d fp32 tensor with a graph to the trainables)."""
     import torch
 
+    from sdtrain.engine.precision import input_casts_off
+
     latents = encode_latents(ctx, batch, generator)
     noise = ctx.noise.sample_noise(latents, generator)
     timesteps = ctx.noise.sample_timesteps(latents.shape[0], generator).to(ctx.device)
@@ -56,8 +66,9 @@ def micro_step_loss(ctx: StepContext, batch: Batch, generator: torch.Generator) 
     target = ctx.noise.target(latents, noise, timesteps)
     weights = ctx.method.loss_weights(batch)
     mask = batch.alpha_masks.to(ctx.device) if batch.alpha_masks is not None else None
-    with torch.autocast(
-        ctx.device.type, dtype=ctx.precision.weight, enabled=ctx.precision.autocast
+    with (
+        torch.autocast(ctx.device.type, dtype=ctx.precision.weight, enabled=ctx.precision.autocast),
+        input_casts_off(ctx.uncast),
     ):
         cond = ctx.method.condition(ctx.bundle, batch)
         pred = ctx.bundle.unet(

@@ -1,0 +1,295 @@
+"""Training speed and memory: sdtrain LoRA vs a bare diffusers + peft loop on the same work.
+
+Every case runs in a fresh subprocess (peak RSS is per process):
+* sdtrain: `sdtrain train lora RUN.toml` through the console entry (benchmarks/train_child.py adds
+  step timestamps), on generated images and a generated run TOML; the allocator re-exec happens
+  as for a user.
+* sdtrain-noreexec: the same with SDTRAIN_NO_REEXEC=1 (the allocator lever off), for A/B.
+* baseline: benchmarks/baseline_child.py, the reference-equivalent loop (default allocator).
+* baseline-alloc: the baseline under the allocator environment sdtrain would choose.
+
+Cases: models tiny (builtin:tiny-sd1, 256 px), small (~18M-param UNet, 128 px) and, with --full,
+the full SD1.5 architecture with random weights (256 px; minutes per run; cached latents unless
+--full-latents says otherwise) x precision fp32/bf16 x cached/uncached latents. LoRA dim 8 on
+UNet + text encoder, AdamW, batch 1. Seconds per step are the median over the steps after the
+warm-up; repeats alternate the variants (A B A B) and report the median of the repeat medians.
+
+Also: `sdtrain --help` start time (median of several runs) and the engine's own share of the step
+time (everything but UNet/TE forward + backward, optimizer step and VAE encodes), measured with
+torch.profiler on the small model with cached latents.
+
+Prints one JSON object (and writes it to --out). The machine is shared: compare only numbers from
+one sitting, and read `loadavg` before trusting a ratio.
+Usage: python benchmarks/bench_train.py [--full] [--models tiny,small] [--repeat 2] [--out f.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from train_work import PRESETS, make_images, model_spec, write_run_toml  # noqa: E402
+
+DEFAULT_STEPS = {"tiny": (3, 10), "small": (3, 10), "full": (2, 5)}  # (warm-up, timed)
+
+
+def _per_step(stamps: list[float], cpu: list[float], faults: list[int], warmup: int) -> dict:
+    """Median wall and process-CPU seconds per step after `warmup` steps.
+
+    CPU time counts every thread of the process; at one thread it barely moves when other
+    processes load the machine, so use it for A/B comparisons on a busy machine.
+    """
+    skip = max(warmup - 1, 0)
+    gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)][skip:]
+    cpu_gaps = [b - a for a, b in zip(cpu, cpu[1:], strict=False)][skip:]
+    fault_gaps = [b - a for a, b in zip(faults, faults[1:], strict=False)][skip:]
+    if not gaps:
+        return {"s_per_step": None, "timed_steps": 0}
+    return {
+        "s_per_step": statistics.median(gaps),
+        "min_s": min(gaps),
+        "max_s": max(gaps),
+        "cpu_s_per_step": statistics.median(cpu_gaps) if cpu_gaps else None,
+        "minor_faults_per_step": statistics.median(fault_gaps) if fault_gaps else None,
+        "timed_steps": len(gaps),
+    }
+
+
+def _allocator_env() -> dict[str, str]:
+    from sdtrain.cli.allocator import allocator_env
+
+    return allocator_env(dict(os.environ)) or {}
+
+
+def _run_child(args: list[str], env: dict[str, str], timeout: float) -> tuple[dict, float]:
+    with tempfile.TemporaryDirectory(prefix="sdtrain-bench-") as tmp:
+        result = Path(tmp) / "result.json"
+        env = {**env, "SDTRAIN_BENCH_RESULT": str(result), "PYTHONPATH": str(HERE)}
+        started = time.perf_counter()
+        proc = subprocess.run(
+            [sys.executable, *args],
+            env=env,
+            cwd=tmp,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        wall = time.perf_counter() - started
+        if proc.returncode != 0 or not result.is_file():
+            tail = (proc.stdout + proc.stderr)[-3000:]
+            raise RuntimeError(f"{args[0]} failed (exit {proc.returncode}):\n{tail}")
+        return json.loads(result.read_text()), wall
+
+
+def run_variant(variant: str, case: dict, work: Path, spec: str, steps: int, warmup: int) -> dict:
+    """One fresh process of `variant` on `case`; returns timing, RSS and what it reported."""
+    env = dict(os.environ)
+    env.pop("SDTRAIN_BENCH_PROFILE", None)
+    load_before = os.getloadavg()[0]
+    resolution = case["resolution"]
+    if variant.startswith("sdtrain"):
+        if variant == "sdtrain-noreexec":
+            env["SDTRAIN_NO_REEXEC"] = "1"
+        if case.get("profile"):
+            env["SDTRAIN_BENCH_PROFILE"] = f"{warmup},{steps - warmup}"
+        out = Path(tempfile.mkdtemp(prefix="out-", dir=work))
+        run = write_run_toml(
+            out / "run.toml",
+            model=spec,
+            data_dir=work / f"data-{resolution}",
+            output_dir=out,
+            resolution=resolution,
+            steps=steps,
+            precision=case["precision"],
+            cached=case["latents"] == "cached",
+        )
+        args = [str(HERE / "train_child.py"), "-q", "train", "lora", str(run)]
+    else:
+        if variant == "baseline-alloc":
+            env.update(_allocator_env())
+        out = work / f"baseline-{time.time_ns()}.json"
+        args = [str(HERE / "baseline_child.py"), spec, str(resolution), case["precision"]]
+        args += [case["latents"], str(steps), str(out)]
+    if variant.startswith("sdtrain"):
+        result, wall = _run_child(args, env, timeout=3600)
+    else:
+        result, wall = _run_baseline(args, env)
+    record = {
+        **_per_step(
+            result.pop("stamps"), result.pop("cpu_stamps"), result.pop("fault_stamps"), warmup
+        ),
+        "peak_rss_mib": round(result.pop("peak_rss_mib"), 1),
+        "wall_s": round(wall, 2),
+        "loadavg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+    }
+    record.update(result)
+    return record
+
+
+def _run_baseline(args: list[str], env: dict[str, str]) -> tuple[dict, float]:
+    out = Path(args[-1])
+    env = {**env, "PYTHONPATH": str(HERE)}
+    started = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, *args], env=env, capture_output=True, text=True, check=False
+    )
+    wall = time.perf_counter() - started
+    if proc.returncode != 0 or not out.is_file():
+        raise RuntimeError(f"baseline failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    result = json.loads(out.read_text())
+    out.unlink()
+    return result, wall
+
+
+def cli_start(runs: int) -> dict:
+    """Median wall time of `sdtrain --help` in fresh processes (first run discarded)."""
+    exe = Path(sys.executable).parent / "sdtrain"
+    command = [str(exe)] if exe.is_file() else [sys.executable, "-m", "sdtrain"]
+    times = []
+    for _ in range(runs + 1):
+        started = time.perf_counter()
+        subprocess.run([*command, "--help"], capture_output=True, check=True)
+        times.append(time.perf_counter() - started)
+    return {"median_s": statistics.median(times[1:]), "runs": times[1:], "target_s": 0.3}
+
+
+def _summary(runs: list[dict]) -> dict:
+    def median(key: str) -> float | None:
+        values = [r[key] for r in runs if r.get(key) is not None]
+        return statistics.median(values) if values else None
+
+    return {
+        "s_per_step": median("s_per_step"),
+        "cpu_s_per_step": median("cpu_s_per_step"),
+        "minor_faults_per_step": median("minor_faults_per_step"),
+        "peak_rss_mib": median("peak_rss_mib"),
+        "repeats": len(runs),
+    }
+
+
+def bench_case(case: dict, variants: list[str], work: Path, cache: Path, repeat: int) -> dict:
+    """All variants of one case, interleaved `repeat` times; summaries and sdtrain/baseline."""
+    warmup, timed = case.pop("warmup"), case.pop("timed")
+    spec = model_spec(case["model"], cache)
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
+    for _ in range(repeat):
+        for variant in variants:
+            print(f"# {case} {variant}", file=sys.stderr, flush=True)
+            runs[variant].append(run_variant(variant, case, work, spec, warmup + timed, warmup))
+    summary = {v: _summary(r) for v, r in runs.items()}
+    record = {**case, "warmup_steps": warmup, "runs": runs, "summary": summary}
+    base = summary.get("baseline")
+    if base and base["s_per_step"]:
+        record["ratio_vs_baseline"] = {
+            v: {
+                "time": round(s["s_per_step"] / base["s_per_step"], 3),
+                "cpu_time": round(s["cpu_s_per_step"] / base["cpu_s_per_step"], 3),
+                "rss": round(s["peak_rss_mib"] / base["peak_rss_mib"], 3),
+            }
+            for v, s in summary.items()
+            if v != "baseline" and s["s_per_step"]
+        }
+    return record
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="tiny,small", help="comma list of tiny,small,full")
+    parser.add_argument("--full", action="store_true", help="add the full SD1.5 architecture")
+    parser.add_argument("--precisions", default="fp32,bf16")
+    parser.add_argument("--latents", default="cached,uncached")
+    parser.add_argument("--full-latents", default="cached", help="latent modes for full")
+    parser.add_argument("--variants", default="sdtrain,baseline")
+    parser.add_argument("--repeat", type=int, default=1, help="alternating repeats per case")
+    parser.add_argument("--steps", type=int, help="timed steps (default: 10, full 5)")
+    parser.add_argument("--warmup", type=int, help="warm-up steps (default: 3, full 2)")
+    parser.add_argument(
+        "--threads", type=int, help="torch threads in every child (default: torch's, all cores)"
+    )
+    parser.add_argument("--no-profile", action="store_true", help="skip the engine profile")
+    parser.add_argument("--no-cli", action="store_true", help="skip the CLI start time")
+    parser.add_argument("--model-cache", help="keep generated model folders here (reused)")
+    parser.add_argument("--out", help="also write the JSON here")
+    args = parser.parse_args()
+
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    models = [m for m in args.models.split(",") if m]
+    if args.full and "full" not in models:
+        models.append("full")
+    variants = [v for v in args.variants.split(",") if v]
+    report: dict = {
+        "machine": {
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "loadavg_start": os.getloadavg(),
+            "allocator_env": _allocator_env(),
+        },
+        "cases": [],
+    }
+    import torch
+
+    report["machine"]["torch"] = torch.__version__
+    report["machine"]["torch_threads"] = torch.get_num_threads()
+    with tempfile.TemporaryDirectory(prefix="sdtrain-bench-") as tmp:
+        work = Path(tmp)
+        cache = Path(args.model_cache) if args.model_cache else work / "models"
+        cache.mkdir(parents=True, exist_ok=True)
+        for preset in {PRESETS[m].resolution for m in models} | (
+            {128} if not args.no_profile else set()
+        ):
+            make_images(work / f"data-{preset}", 4, preset)
+        if not args.no_cli:
+            report["cli_help"] = cli_start(7)
+        for model in models:
+            latents = args.full_latents if model == "full" else args.latents
+            warmup, timed = DEFAULT_STEPS[model]
+            for precision in args.precisions.split(","):
+                for mode in latents.split(","):
+                    case = {
+                        "model": model,
+                        "resolution": PRESETS[model].resolution,
+                        "precision": precision,
+                        "latents": mode,
+                        "warmup": args.warmup or warmup,
+                        "timed": args.steps or timed,
+                    }
+                    report["cases"].append(bench_case(case, variants, work, cache, args.repeat))
+        if not args.no_profile:
+            case = {
+                "model": "small",
+                "resolution": PRESETS["small"].resolution,
+                "precision": "fp32",
+                "latents": "cached",
+                "profile": True,
+            }
+            spec = model_spec("small", cache)
+            record = run_variant("sdtrain", case, work, spec, 3 + 8, 3)
+            profile = record.get("profile", {})
+            report["engine_overhead"] = {
+                **profile,
+                "config": "small, 128 px, fp32, cached latents",
+                "target_share": 0.10,
+            }
+    report["machine"]["loadavg_end"] = os.getloadavg()
+    text = json.dumps(report, indent=2)
+    if args.out:
+        Path(args.out).write_text(text + "\n", encoding="utf-8")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

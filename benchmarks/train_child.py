@@ -1,0 +1,159 @@
+"""Child process of bench_train.py: runs the real `sdtrain` console entry with step timing.
+
+Usage: python benchmarks/train_child.py <sdtrain arguments...>
+Environment: SDTRAIN_BENCH_RESULT=<json path> (required); SDTRAIN_BENCH_PROFILE=<W>,<N> profiles
+N optimizer steps after W warm-up steps with torch.profiler and reports the engine's own share.
+
+It calls `sdtrain.cli.main.run()` exactly as the console script does (so the allocator re-exec
+happens; the re-executed process runs this file again with the same arguments). The only
+additions are a timestamp at the end of every optimizer step (a wrapper around
+Trainer._after_step_events) and, when profiling, record_function labels around the model work.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import resource
+import sys
+import time
+
+MODEL_WORK = ("unet.forward", "text_encoder.forward", "vae.encode", "backward", "optimizer.step")
+
+
+def _label_module(module, name: str) -> None:
+    """Open a profiler range in a forward pre-hook, close it in the forward hook."""
+    import torch
+
+    open_ranges = []
+
+    def pre(_module, _args):
+        rf = torch.profiler.record_function(name)
+        rf.__enter__()
+        open_ranges.append(rf)
+
+    def post(_module, _args, _out):
+        open_ranges.pop().__exit__(None, None, None)
+
+    module.register_forward_pre_hook(pre)
+    module.register_forward_hook(post)
+
+
+def _labelled(fn, name: str):
+    import torch
+
+    def wrapper(*args, **kwargs):
+        with torch.profiler.record_function(name):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _overhead(prof) -> dict:
+    """Step time vs model work (ms, summed over the profiled steps) from the profiler events."""
+    totals: dict[str, float] = {}
+    steps = 0
+    for event in prof.key_averages():
+        key = event.key
+        if key.startswith("ProfilerStep"):
+            totals["steps"] = totals.get("steps", 0.0) + event.cpu_time_total / 1000
+            steps += event.count
+        elif key in MODEL_WORK or key.startswith("Optimizer.step#"):
+            name = "optimizer.step" if key.startswith("Optimizer.step#") else key
+            totals[name] = totals.get(name, 0.0) + event.cpu_time_total / 1000
+    total = totals.pop("steps", 0.0)
+    model = sum(totals.get(k, 0.0) for k in MODEL_WORK)
+    return {
+        "profiled_steps": steps,
+        "step_ms": total / max(steps, 1),
+        "model_work_ms": {k: round(totals.get(k, 0.0) / max(steps, 1), 3) for k in MODEL_WORK},
+        "engine_ms": (total - model) / max(steps, 1),
+        "engine_share": (total - model) / total if total else None,
+    }
+
+
+def main() -> None:
+    result_path = os.environ["SDTRAIN_BENCH_RESULT"]
+    profile = os.environ.get("SDTRAIN_BENCH_PROFILE")
+    from sdtrain.engine import loop
+
+    stamps: list[float] = []
+    cpu: list[float] = []  # process CPU time (all threads): robust to other load at 1 thread
+    faults: list[int] = []  # minor page faults: what a poor allocator setting costs
+    info: dict = {}
+    state: dict = {}
+
+    original_events = loop.Trainer._after_step_events
+    original_setup = loop.Trainer._setup
+
+    def after_step(self, counters):
+        stamps.append(time.perf_counter())
+        cpu.append(time.process_time())
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
+        if "prof" in state:
+            state["prof"].step()
+        return original_events(self, counters)
+
+    def setup(self):
+        original_setup(self)
+        import torch
+
+        info["fused_adamw"] = bool(self.optimizer.defaults.get("fused"))
+        dtypes: dict[str, int] = {}
+        for module in (self.bundle.unet, self.bundle.text_encoder):
+            for p in module.parameters():
+                kind = f"{'trainable' if p.requires_grad else 'frozen'}:{str(p.dtype)[6:]}"
+                dtypes[kind] = dtypes.get(kind, 0) + p.numel()
+        info["param_dtypes"] = dtypes
+        info["threads"] = torch.get_num_threads()
+        if profile:
+            warmup, active = (int(v) for v in profile.split(","))
+            _label_module(self.bundle.unet, "unet.forward")
+            _label_module(self.bundle.text_encoder, "text_encoder.forward")
+            self.bundle.vae.encode = _labelled(self.bundle.vae.encode, "vae.encode")
+            self._backward = _labelled(self._backward, "backward")
+            schedule = torch.profiler.schedule(wait=0, warmup=warmup, active=active, repeat=1)
+
+            def ready(prof):
+                info["profile"] = _overhead(prof)
+
+            prof = torch.profiler.profile(
+                activities=[torch.profiler.ProfilerActivity.CPU],
+                schedule=schedule,
+                on_trace_ready=ready,
+            )
+            prof.__enter__()
+            state["prof"] = prof
+
+    loop.Trainer._after_step_events = after_step
+    loop.Trainer._setup = setup
+
+    def write() -> None:
+        if "prof" in state:
+            state["prof"].__exit__(None, None, None)
+        own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        result = {
+            "stamps": stamps,
+            "cpu_stamps": cpu,
+            "fault_stamps": faults,
+            "peak_rss_mib": own,
+            "peak_rss_children_mib": children,
+            "allocator_env": {
+                k: os.environ.get(k) for k in ("LD_PRELOAD", "GLIBC_TUNABLES") if k in os.environ
+            },
+            **info,
+        }
+        with open(result_path, "w", encoding="utf-8") as handle:
+            json.dump(result, handle)
+
+    atexit.register(write)
+    sys.argv = ["sdtrain", *sys.argv[1:]]
+    from sdtrain.cli.main import run
+
+    run()
+
+
+if __name__ == "__main__":
+    main()
