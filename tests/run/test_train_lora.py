@@ -144,3 +144,20 @@ def test_config_errors_exit_2_and_name_the_line(run_dir):
     assert proc.returncode == 2
     line = RUN.splitlines().index("network_dim = 4") + 1
     assert f"bad.toml:{line}" in proc.stderr and "network.network_dim" in proc.stderr
+
+
+def test_frozen_text_encoder_outputs_are_cached_for_static_captions(run_dir, cli, monkeypatch):
+    import sdtrain.methods.conditioning as conditioning
+
+    calls = []
+    real = conditioning.TextConditioning.encode
+
+    def counting(self, bundle, captions, grad):
+        calls.append(len(captions))
+        return real(self, bundle, captions, grad)
+
+    monkeypatch.setattr(conditioning.TextConditioning, "encode", counting)
+    result = cli(["train", "lora", str(run_dir / "run.toml"), "--network_train_unet_only"])
+    assert result.exit_code == 0, result.output
+    # 3 distinct static captions, each encoded once (one at a time), over 4 steps of batch 2
+    assert calls == [1, 1, 1]

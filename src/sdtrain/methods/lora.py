@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from sdtrain.config.sections import OptimizerSection
     from sdtrain.data.batch import Batch
     from sdtrain.models.bundle import ModelBundle
+    from sdtrain.models.text_cache import TextConditionCache
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ class LoraMethod:
         max_token_length: int | None = None,
         save_precision: str | None = None,
         weighted_captions: bool = False,
+        cache_text_outputs: bool = False,
     ) -> None:
         """Validate [network] now (config errors before any model loads); read ranks for
         dim_from_weights."""
@@ -74,6 +76,8 @@ class LoraMethod:
         self.clip_skip = clip_skip
         self.max_token_length = max_token_length
         self.text = TextConditioning(clip_skip, max_token_length, weighted_captions)
+        self.cache_text_outputs = cache_text_outputs  # captions are static: encode each once
+        self._text_cache: TextConditionCache | None = None
         self.save_precision = save_precision
         self.network: LoraNetwork | None = None
         self._trains_te = False
@@ -111,6 +115,12 @@ class LoraMethod:
             for p in (m.down.weight, m.up.weight)
         )
         self.network = network
+        if self.cache_text_outputs and not self._trains_te:
+            from sdtrain.models.text_cache import TextConditionCache
+
+            self._text_cache = TextConditionCache(
+                lambda captions: self.text.encode(bundle, captions, grad=False)
+            )
         return groups
 
     def _net(self) -> LoraNetwork:
@@ -124,6 +134,8 @@ class LoraMethod:
 
     def condition(self, bundle: ModelBundle, batch: Batch) -> torch.Tensor:
         """(B, 75n+2, D) text conditioning; no autograd graph when the text encoder is frozen."""
+        if self._text_cache is not None:
+            return self._text_cache(batch.captions)
         return self.text.encode(bundle, batch.captions, grad=self._trains_te)
 
     def loss_weights(self, batch: Batch) -> torch.Tensor | None:

@@ -105,7 +105,27 @@ def prepare(loaded: LoadedConfig, command: str) -> Prepared:
     return Prepared(loaded, command, plan, seed, resume_folder, state_config)
 
 
-def _build_method(command: str, loaded: LoadedConfig) -> Method:
+_CAPTION_RANDOMNESS = (
+    "shuffle_caption",
+    "caption_dropout_rate",
+    "caption_dropout_every_n_epochs",
+    "caption_tag_dropout_rate",
+    "enable_wildcard",
+    "token_warmup_step",
+)
+
+
+def _static_captions(plan: Plan) -> bool:
+    """True when no subset changes its captions between steps (text outputs can be cached)."""
+    return not any(
+        subset.params.get(key)
+        for dataset in plan.datasets
+        for subset in dataset.subsets
+        for key in _CAPTION_RANDOMNESS
+    )
+
+
+def _build_method(command: str, loaded: LoadedConfig, plan: Plan) -> Method:
     cfg = loaded.config
     if command == "lora":
         from sdtrain.methods.lora import LoraMethod
@@ -118,6 +138,7 @@ def _build_method(command: str, loaded: LoadedConfig) -> Method:
             max_token_length=cfg.model.max_token_length,
             save_precision=cfg.saving.save_precision,
             weighted_captions=cfg.training.weighted_captions,
+            cache_text_outputs=_static_captions(plan),
         )
     raise ValueError(f"unknown training method {command}")
 
@@ -183,7 +204,7 @@ def execute(prepared: Prepared, resume_hint: str) -> TrainResult:
     assert steps is not None
     state_config = prepared.state_config
     state = load_state(prepared.resume_folder) if prepared.resume_folder is not None else None
-    method = _build_method(prepared.command, loaded)
+    method = _build_method(prepared.command, loaded, prepared.plan)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = precision_for(cfg.training, cfg.model.no_half_vae, device.type)
     bundle = load_bundle(cfg.model, device=device)
