@@ -6,21 +6,7 @@ from __future__ import annotations
 
 import json
 
-
-def _byte_chars() -> list[str]:
-    printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    codes = printable[:]
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            codes.append(256 + extra)
-            extra += 1
-    return [chr(c) for c in codes]
+from sdtrain.models.tokenizer import _bytes_to_unicode
 
 
 def tiny_unet(seed: int = 0):
@@ -67,7 +53,7 @@ def tiny_tokenizer(folder):
     """A character-level CLIP tokenizer: byte characters (+ '</w>' forms) and the specials."""
     from transformers import CLIPTokenizer
 
-    chars = _byte_chars()
+    chars = _bytes_to_unicode()
     vocab = {c: i for i, c in enumerate(chars)}
     vocab.update({c + "</w>": i + len(chars) for i, c in enumerate(chars)})
     vocab["<|startoftext|>"] = len(vocab)
