@@ -11,8 +11,11 @@ Stages, all seeded and run with plain torch loops:
    have unit variance (a random or foreign VAE with 0.18215 would make the image invisible under
    the noise).
 3. UNet + CLIP text encoder, trained jointly from scratch with the SD1 recipe (DDPM scaled-linear
-   0.00085-0.012, 1000 steps, epsilon, uniform timesteps, MSE) on cached latents, with 10% empty
-   captions so classifier-free guidance works.
+   0.00085-0.012, 1000 steps, epsilon, uniform timesteps, MSE with min-SNR-5 weighting) on cached
+   latents, with 10% empty captions so classifier-free guidance works.
+
+Measured on the 2-core CPU this was written on (shared with other jobs, so times vary): 19-24 min
+in all, one thread. BUILD.json in the output records the run's own times and losses.
 4. Save fp16 weights in diffusers layout with scheduler/, model_index.json and BUILD.json (recipe,
    versions, wall times, final losses, measured latent std), swapping the folder in atomically.
 

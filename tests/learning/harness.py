@@ -8,9 +8,15 @@ A learning check on the quickstart subject (sdtrain.data.toyworld): train on the
 (`sample_subject(QUICKSTART_SEED, 8)`, captioned "shs pattern"), then compare on HELD-OUT subject
 images (`sample_subject(<other seed>, n)`) `denoise_loss(..., "shs pattern")` before and after, and
 check preservation with `denoise_loss` of ordinary world images (`sample_world`) under their own
-captions. Before training the base model scores "shs pattern" and "pattern" alike (see
-tests/models/test_toy_model.py); numbers measured with a plain peft UNet LoRA are in the toy's
-BUILD.json notes and the test comments.
+captions. Measured on the shipped toy (tests/models/test_toy_model.py has the checks):
+
+- before training, "shs pattern" is no better a caption than "pattern" (loss 0.239 vs 0.231 on 8
+  held-out subject images, t 300-750) and generating "shs pattern" shows no pink or cyan;
+- a peft UNet LoRA (rank 8, attention projections, batch 4, ~10 s per 400 steps) lowers that loss
+  to 0.118 at lr 2e-4 / 400 steps (world loss 0.031 -> 0.040) and to 0.074 at lr 1e-3 / 800 steps
+  (world 0.031 -> 0.093; generated "shs pattern" images then are 26% pink + cyan pixels);
+- trained on "shs pattern" alone, "pattern" improves just as much (class drift): an identifier-vs-
+  class gap needs prior preservation (DreamBooth) or a method that only changes the identifier (TI).
 """
 
 from __future__ import annotations
