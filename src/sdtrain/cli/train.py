@@ -31,7 +31,7 @@ def _run(ctx: typer.Context, command: str, dry_run: bool, help_config: bool) -> 
     from sdtrain.run.train import execute, prepare
 
     loaded = load_run_config(list(ctx.args), command, require_file=True)
-    prepared = prepare(loaded, command)
+    prepared = prepare(loaded, command, write_caches=not dry_run)
     render_plan(console, prepared.plan)
     if dry_run:
         from rich.syntax import Syntax

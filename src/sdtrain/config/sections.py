@@ -142,7 +142,8 @@ class DatasetSection(Section):
         None, description="caption used for images without a caption file"
     )
     cache_info: bool | None = Field(
-        None, description="accepted for compatibility; sizes are always cached"
+        None,
+        description="cache sizes + captions in <image_dir>/metadata_cache.json",
     )
     alpha_mask: bool | None = Field(None, description="use the image alpha channel as a loss mask")
     custom_attributes: dict[str, Any] | None = Field(
@@ -350,6 +351,3 @@ class LoggingSection(Section):
     log_with: Literal["tensorboard", "wandb", "all"] | None = Field(None, description="tracker(s)")
     log_tracker_name: str | None = Field(None, description="tracker project name")
     wandb_run_name: str | None = Field(None, description="wandb run name")
-    log_every_n_steps: int = Field(
-        1, ge=1, description="metrics cadence (losses are still all recorded)"
-    )

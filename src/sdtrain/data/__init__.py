@@ -1,1 +1,1 @@
-"""Dataset layer: scan, buckets, captions, balancing, the epoch plan and batches (never imports models)."""
+"""Dataset layer: scan, buckets, captions, balancing, the epoch plan, batches (no models)."""

@@ -1,4 +1,4 @@
-"""Plain records shared by the dataset layer: one image entry of the plan, one subset, one dataset."""
+"""Plain records of the dataset layer: one image entry of the plan, one subset, one dataset."""
 
 from __future__ import annotations
 

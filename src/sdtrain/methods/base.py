@@ -1,4 +1,4 @@
-"""The Method interface the engine drives. One engine, four methods (lora, dreambooth, finetune, ti)."""
+"""The Method interface the engine drives: one engine, four methods (lora, db, finetune, ti)."""
 
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ class Method(Protocol):
         ...
 
     def export(self, bundle: ModelBundle, point: SavePoint) -> list[Path]:
-        """Write the deliverables (LoRA file, embedding, full checkpoint) atomically; return paths."""
+        """Write the deliverables (LoRA file, embedding, checkpoint) atomically; return paths."""
         ...
 
     def sampling(self, bundle: ModelBundle) -> AbstractContextManager[None]:

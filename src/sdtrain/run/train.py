@@ -63,7 +63,7 @@ def _file(loaded: LoadedConfig) -> str | None:
     return str(loaded.source.path) if loaded.source else None
 
 
-def prepare(loaded: LoadedConfig, command: str) -> Prepared:
+def prepare(loaded: LoadedConfig, command: str, write_caches: bool = False) -> Prepared:
     """Validate everything that needs no weights: required keys, the dataset plan, the seed,
     the prompt file, the state to resume from and its config differences."""
     from sdtrain.config.resolved import resolved_dict
@@ -72,7 +72,7 @@ def prepare(loaded: LoadedConfig, command: str) -> Prepared:
 
     _require(loaded)
     cfg = loaded.config
-    plan = plan_for_run(loaded, command)
+    plan = plan_for_run(loaded, command, write_caches=write_caches)  # cache_info size caches
     resume_folder = resolve_resume(cfg.saving, Path(str(cfg.training.output_dir)))
     seed = cfg.training.seed
     if seed is None and resume_folder is not None:
