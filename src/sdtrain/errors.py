@@ -57,6 +57,12 @@ class UsageError(SdtrainError):
     exit_code = 2
 
 
+class RunFolderBusy(SdtrainError):
+    """Another run holds the output folder (a usage error: two runs must not share one)."""
+
+    exit_code = 2
+
+
 class DataError(SdtrainError):
     """The dataset cannot be used as given (missing folders, corrupt images, no images)."""
 

@@ -69,9 +69,11 @@ def prepare(loaded: LoadedConfig, command: str, write_caches: bool = False) -> P
     from sdtrain.config.resolved import resolved_dict
     from sdtrain.data.plan import plan_for_run
     from sdtrain.engine.resume import check_resume_config, data_fingerprint, resolve_resume
+    from sdtrain.run.lock import check_run_folder_free
 
     _require(loaded)
     cfg = loaded.config
+    check_run_folder_free(Path(str(cfg.training.output_dir)))  # before reading its states
     plan = plan_for_run(loaded, command, write_caches=write_caches)  # cache_info size caches
     resume_folder = resolve_resume(cfg.saving, Path(str(cfg.training.output_dir)))
     seed = cfg.training.seed
@@ -182,6 +184,14 @@ def _data(prepared: Prepared, bundle: ModelBundle, precision_vae: Any) -> Any:
 
 
 def execute(prepared: Prepared, resume_hint: str) -> TrainResult:
+    """Hold the output folder's run lock (one run per folder), then load the model and train."""
+    from sdtrain.run.lock import hold_run_folder
+
+    with hold_run_folder(Path(str(prepared.loaded.config.training.output_dir))):
+        return _execute(prepared, resume_hint)
+
+
+def _execute(prepared: Prepared, resume_hint: str) -> TrainResult:
     """Load the model and train. Writes the resolved config into the output folder first."""
     import torch
 
