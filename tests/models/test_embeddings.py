@@ -83,3 +83,79 @@ def test_expand_tokens_whole_words_case_insensitive() -> None:
     )
     assert expand_tokens("a tok", "tok", ["tok"]) == "a tok"
     assert expand_tokens("a t\\ok", "t\\ok", ["t\\ok", "t\\ok1"]) == "a t\\ok t\\ok1"
+
+
+def test_written_forms_read_back(tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    from sdtrain.models.embeddings import write_embedding
+
+    vectors = torch.randn(3, 8)
+    meta = {"modelspec.architecture": "stable-diffusion-v1/textual-inversion"}
+    st = write_embedding(tmp_path / "a.safetensors", vectors, token="a", metadata=meta)
+    pt = write_embedding(tmp_path / "b.pt", vectors, token="b")
+    a1111 = write_embedding(tmp_path / "c.pt", vectors, token="c", a1111=True, step=7)
+    for path in (st, pt, a1111):
+        assert torch.equal(read_embedding(path), vectors)
+    with safe_open(str(st), "pt") as handle:
+        assert list(handle.keys()) == ["emb_params"]
+        assert handle.metadata() == meta
+    assert set(torch.load(pt, weights_only=True)) == {"emb_params"}
+    loaded = torch.load(a1111, weights_only=True)  # plain types only
+    assert loaded["name"] == "c" and loaded["step"] == 7
+    assert torch.equal(loaded["string_to_param"]["*"], vectors)
+    with pytest.raises(ValueError):
+        write_embedding(tmp_path / "d.safetensors", vectors, token="d", a1111=True)
+
+
+def test_xti_files_round_trip_in_reference_order(tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    from sdtrain.models.embeddings import XTI_LAYERS, is_xti, read_xti, write_xti
+
+    assert list(XTI_LAYERS) == sorted(XTI_LAYERS) and len(XTI_LAYERS) == 16
+    layers = torch.randn(16, 2, 8)
+    path = write_xti(tmp_path / "x.safetensors", layers, {"modelspec.title": "x"})
+    with safe_open(str(path), "pt") as handle:
+        assert sorted(handle.keys()) == list(XTI_LAYERS)
+        assert handle.get_tensor("MID").shape == (2, 8)
+        assert torch.equal(handle.get_tensor("OUT03"), layers[7])
+    assert is_xti(path) and torch.equal(read_xti(path), layers)
+    write_embedding_path = tmp_path / "plain.safetensors"
+    save_file({"emb_params": layers[0]}, str(write_embedding_path))
+    assert not is_xti(write_embedding_path)
+    with pytest.raises(ModelLoadError, match="16 tensors"):
+        read_xti(write_embedding_path)
+    with pytest.raises(ModelLoadError, match="XTI"):
+        read_embedding(path)
+
+
+def _our_prompt_embedding(bundle, path: Path, prompt: str) -> torch.Tensor:
+    from sdtrain.models.sampling import encode_prompts
+
+    names = add_embedding(bundle, path.stem, read_embedding(path))
+    return encode_prompts(bundle, [expand_tokens(prompt, path.stem, names)], None, None)
+
+
+@pytest.mark.parametrize("suffix,a1111", [(".safetensors", False), (".pt", False), (".pt", True)])
+def test_diffusers_load_textual_inversion_reads_our_files(
+    tmp_path: Path, bundle_factory, suffix: str, a1111: bool
+) -> None:
+    """diffusers loads what we write; its prompt embedding equals ours (multi-vector token)."""
+    from sdtrain.models.embeddings import write_embedding
+    from sdtrain.models.sampling import build_pipeline
+
+    vectors = torch.randn(3, 32) * 0.05
+    path = write_embedding(
+        tmp_path / f"zqtok{suffix}", vectors, token="zqtok", a1111=a1111, metadata=None
+    )
+    prompt = "a photo of zqtok on grass"
+    ours = _our_prompt_embedding(bundle_factory(), path, prompt)
+    theirs_bundle = bundle_factory()
+    pipe = build_pipeline(theirs_bundle)
+    pipe.load_textual_inversion(str(path), token="zqtok")
+    with torch.no_grad():
+        theirs, _ = pipe.encode_prompt(prompt, "cpu", 1, do_classifier_free_guidance=False)
+    assert theirs.shape == ours.shape
+    torch.testing.assert_close(theirs, ours, atol=1e-6, rtol=0)
+    assert not torch.equal(ours, _our_prompt_embedding(bundle_factory(), path, "a photo of cat"))

@@ -54,6 +54,48 @@ class NetworkSection(Section):
         return self
 
 
+class TextualInversionSection(Section):
+    """[textual_inversion]: the embedding trained by `sdtrain train ti` (TI, or XTI / P+)."""
+
+    token_string: str | None = Field(
+        None, description="the new token T (required); n vectors add T, T1, ..., T(n-1)"
+    )
+    num_vectors_per_token: int = Field(1, ge=1, le=75, description="vectors (tokens) for T")
+    init_word: str | None = Field(
+        None, description="initialise vector i from this word's token i mod its token count"
+    )
+    weights: str | None = path_field(
+        None, "continue from this embedding (.safetensors / .pt / A1111 / XTI file)"
+    )
+    use_object_template: bool = Field(
+        False, description="ignore captions: random 'a photo of a T' style templates"
+    )
+    use_style_template: bool = Field(
+        False, description="ignore captions: random 'a painting in the style of T' templates"
+    )
+    xti: bool = Field(
+        False, description="XTI (P+): one embedding per UNet cross-attention site (16)"
+    )
+    save_model_as: Literal["safetensors", "pt", "ckpt"] = Field(
+        "safetensors", description="embedding file type (XTI: safetensors only)"
+    )
+    a1111_format: bool = Field(
+        False, description="write .pt/.ckpt in AUTOMATIC1111's string_to_param form"
+    )
+
+    @model_validator(mode="after")
+    def _file_forms(self) -> TextualInversionSection:
+        if self.token_string is not None and not self.token_string.strip():
+            raise ValueError("token_string is empty")
+        if self.token_string is not None and any(c.isspace() for c in self.token_string):
+            raise ValueError(f"token_string {self.token_string!r} contains whitespace")
+        if self.a1111_format and self.save_model_as == "safetensors":
+            raise ValueError('a1111_format is a .pt form: set save_model_as = "pt"')
+        if self.xti and (self.save_model_as != "safetensors" or self.a1111_format):
+            raise ValueError("xti embeddings are written as safetensors only")
+        return self
+
+
 # table name -> the subcommand it belongs to (every method the product will have)
 METHOD_TABLES: dict[str, str] = {
     "network": "lora",
