@@ -59,10 +59,11 @@ def write_run(root: Path, args: argparse.Namespace, cache: str, workers: int) ->
 
 def cache_pass(run: Path) -> dict[str, object]:
     from sdtrain.config.loader import load_run_config
+    from sdtrain.config.run import PLAN_COMMAND
     from sdtrain.run.latents import cache_latents
 
     start = time.perf_counter()
-    outcome = cache_latents(load_run_config([str(run)], "plan"))
+    outcome = cache_latents(load_run_config([str(run)], PLAN_COMMAND))
     total = time.perf_counter() - start
     report = outcome.report
     return {

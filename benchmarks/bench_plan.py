@@ -86,10 +86,11 @@ def make_files(root: Path, files: int) -> Path:
 
 def time_plan(run: Path) -> tuple[float, object]:
     from sdtrain.config.loader import load_run_config
+    from sdtrain.config.run import PLAN_COMMAND
     from sdtrain.data.plan import plan_for_run
 
     start = time.perf_counter()
-    plan = plan_for_run(load_run_config([str(run)], "plan"), "plan")
+    plan = plan_for_run(load_run_config([str(run)], PLAN_COMMAND))
     return time.perf_counter() - start, plan
 
 

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from sdtrain.config.blueprint import SUPPORT
+from sdtrain.config.blueprint import ANY_KIND
 from sdtrain.config.blueprint_load import dataset_blueprint, read_blueprint_file
 from sdtrain.config.chain import resolve_blueprint, run_level, run_level_for, run_origins
 from sdtrain.config.loader import load_run_config
-from sdtrain.config.run import COMMAND_SCHEMAS
 from sdtrain.config.sections import DatasetSection
+from sdtrain.methods.registry import METHODS
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "configs" / "examples"
 
@@ -45,15 +45,15 @@ def test_the_three_dataset_examples_exist():
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.name)
 def test_example_validates(path: Path):
     if path.name.startswith("dataset_"):
-        blueprint = read_blueprint_file(path, SUPPORT["plan"])
+        blueprint = read_blueprint_file(path, ANY_KIND)
         resolved = resolve_blueprint(blueprint, run_level(DatasetSection()))
         assert resolved and all(d.subsets for d in resolved)
         return
     command = command_for(path)
     assert command is not None, f"add {path.name}'s prefix to RUN_CONFIG_COMMANDS"
-    if command not in COMMAND_SCHEMAS:
+    if command not in METHODS:
         pytest.fail(f"{path.name}: command {command!r} has no run schema yet")
-    loaded = load_run_config([str(path)], command)
+    loaded = load_run_config([str(path)], METHODS[command].command)
     config = loaded.config
     if config.dataset.dataset_config or config.datasets is not None:
         blueprint = dataset_blueprint(
@@ -61,7 +61,7 @@ def test_example_validates(path: Path):
             config.general,
             config.datasets,
             loaded.source,
-            SUPPORT[command],
+            METHODS[command].command.support,
             run_origins(loaded),
         )
         resolve_blueprint(blueprint, run_level_for(loaded))

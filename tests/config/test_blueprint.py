@@ -8,13 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from sdtrain.config.blueprint import SUPPORT
+from sdtrain.config.blueprint import ANY_KIND, Support
 from sdtrain.config.blueprint_load import dataset_blueprint, read_blueprint_file
 from sdtrain.config.chain import resolve_blueprint, run_level, run_level_for, run_origins
 from sdtrain.config.legacy import legacy_blueprint, parse_folder_name
 from sdtrain.config.loader import load_run_config
+from sdtrain.config.run import PLAN_COMMAND
 from sdtrain.config.sections import DatasetSection
 from sdtrain.errors import ConfigError, DataError
+from sdtrain.methods.registry import command_schema
 
 REFERENCE_EXAMPLE = """\
 [general]
@@ -63,17 +65,27 @@ def golden(error: ConfigError, root: Path) -> list[str]:
     return lines
 
 
+LORA = command_schema("lora").support
+# the reference sanitizer's support flags per script (train_db / fine_tune / TI)
+KINDS: dict[str, Support] = {
+    "plan": ANY_KIND,
+    "dreambooth": Support(True, False, True, "sdtrain train dreambooth"),
+    "finetune": Support(False, True, True, "sdtrain train finetune"),
+    "ti": Support(True, True, False, "sdtrain train ti"),
+}
+
+
 def problems_of(
     tmp_path: Path, text: str, command: str = "plan", name: str = "bp.toml"
 ) -> list[str]:
     path = write(tmp_path, text, name)
     with pytest.raises(ConfigError) as info:
-        read_blueprint_file(path, SUPPORT[command])
+        read_blueprint_file(path, KINDS[command])
     return golden(info.value, tmp_path)
 
 
 def test_reference_example_validates_with_kinds_and_resolved_paths(tmp_path):
-    blueprint = read_blueprint_file(write(tmp_path, REFERENCE_EXAMPLE), SUPPORT["lora"])
+    blueprint = read_blueprint_file(write(tmp_path, REFERENCE_EXAMPLE), LORA)
     assert [d.kind for d in blueprint.datasets] == ["dreambooth", "finetune"]
     first = blueprint.datasets[0].subsets[0]
     assert first.values["image_dir"] == str((tmp_path / "chara").resolve())
@@ -89,7 +101,7 @@ def test_json_blueprint_is_equivalent_and_located(tmp_path):
         "datasets": [{"resolution": 512, "subsets": [{"image_dir": "a", "num_repeats": 2}]}],
     }
     blueprint = read_blueprint_file(
-        write(tmp_path, json.dumps(data, indent=2), "bp.json"), SUPPORT["plan"]
+        write(tmp_path, json.dumps(data, indent=2), "bp.json"), ANY_KIND
     )
     assert blueprint.datasets[0].subsets[0].values["num_repeats"] == 2
     bad = '{\n  "datasets": [\n    {"resolution": 512,\n     "subsets": [{"image_dir": 3}]}\n  ]\n}'
@@ -169,7 +181,7 @@ validation_split = 0
   token_warmup_step = 1
   face_crop_aug_range = [2, 4.0]
 """
-    blueprint = read_blueprint_file(write(tmp_path, ok), SUPPORT["plan"])
+    blueprint = read_blueprint_file(write(tmp_path, ok), ANY_KIND)
     values = blueprint.datasets[0].subsets[0].values
     assert values["caption_dropout_rate"] == 0 and values["face_crop_aug_range"] == [2.0, 4.0]
     bad = """\
@@ -253,13 +265,13 @@ flip_aug = true
 """,
         "run.toml",
     )
-    loaded = load_run_config([str(run), "--keep_tokens", "4", "--color_aug"], "plan")
+    loaded = load_run_config([str(run), "--keep_tokens", "4", "--color_aug"], PLAN_COMMAND)
     blueprint = dataset_blueprint(
         loaded.config.dataset,
         loaded.config.general,
         loaded.config.datasets,
         loaded.source,
-        SUPPORT["plan"],
+        ANY_KIND,
         run_origins(loaded),
     )
     first, second = resolve_blueprint(blueprint, run_level_for(loaded))
@@ -294,7 +306,7 @@ def test_run_level_without_loader_and_missing_resolution():
     level = run_level(DatasetSection(flip_aug=True), batch_size=None)
     assert level.values == {"flip_aug": True}
     blueprint = dataset_blueprint(
-        DatasetSection(), None, [{"subsets": [{"image_dir": "/x"}]}], None, SUPPORT["plan"]
+        DatasetSection(), None, [{"subsets": [{"image_dir": "/x"}]}], None, ANY_KIND
     )
     with pytest.raises(ConfigError) as info:
         resolve_blueprint(blueprint, level)
@@ -308,7 +320,7 @@ def test_bucket_steps_must_be_multiple_of_64(tmp_path):
         "[general]\nenable_bucket = true\nbucket_reso_steps = 32\n"
         'resolution = 512\n[[datasets]]\n  [[datasets.subsets]]\n  image_dir = "a"\n',
     )
-    blueprint = read_blueprint_file(path, SUPPORT["plan"])
+    blueprint = read_blueprint_file(path, ANY_KIND)
     with pytest.raises(ConfigError) as info:
         resolve_blueprint(blueprint, run_level(DatasetSection()))
     assert golden(info.value, tmp_path) == [
@@ -321,9 +333,9 @@ def test_blueprint_with_legacy_keys_is_an_error(tmp_path):
     run = write(
         tmp_path, '[dataset]\ntrain_data_dir = "imgs"\ndataset_config = "bp.toml"\n', "run.toml"
     )
-    loaded = load_run_config([str(run)], "plan")
+    loaded = load_run_config([str(run)], PLAN_COMMAND)
     with pytest.raises(ConfigError) as info:
-        dataset_blueprint(loaded.config.dataset, None, None, loaded.source, SUPPORT["plan"])
+        dataset_blueprint(loaded.config.dataset, None, None, loaded.source, ANY_KIND)
     assert golden(info.value, tmp_path) == [
         "run.toml:2  dataset.train_data_dir: not used together with dataset_config | describe"
         " every folder in the blueprint, or drop the blueprint and use the legacy folder keys"
@@ -334,8 +346,8 @@ def test_dataset_config_file_is_read_relative_to_run_config(tmp_path):
     (tmp_path / "cfg").mkdir()
     write(tmp_path / "cfg", '[[datasets]]\n  [[datasets.subsets]]\n  image_dir = "imgs"\n')
     run = write(tmp_path, '[dataset]\ndataset_config = "cfg/blueprint.toml"\n', "run.toml")
-    loaded = load_run_config([str(run)], "plan")
-    blueprint = dataset_blueprint(loaded.config.dataset, None, None, loaded.source, SUPPORT["plan"])
+    loaded = load_run_config([str(run)], PLAN_COMMAND)
+    blueprint = dataset_blueprint(loaded.config.dataset, None, None, loaded.source, ANY_KIND)
     assert blueprint.datasets[0].subsets[0].values["image_dir"] == str(tmp_path / "cfg" / "imgs")
 
 
@@ -361,7 +373,7 @@ def test_legacy_folders(tmp_path, logs):
     for folder in (train / "20_sls frog", train / "2_b_c", train / "notes", reg / "1_frog"):
         folder.mkdir(parents=True)
     section = DatasetSection(train_data_dir=str(train), reg_data_dir=str(reg))
-    blueprint = legacy_blueprint(section, SUPPORT["lora"])
+    blueprint = legacy_blueprint(section, LORA)
     assert "ignoring folder notes" in logs.text
     subsets = blueprint.datasets[0].subsets
     assert [
@@ -375,17 +387,15 @@ def test_legacy_folders(tmp_path, logs):
 def test_legacy_no_data_and_in_json(tmp_path):
     (tmp_path / "a.png").write_bytes(b"x")
     with pytest.raises(DataError, match="No data found") as info:
-        legacy_blueprint(DatasetSection(train_data_dir=str(tmp_path)), SUPPORT["lora"])
+        legacy_blueprint(DatasetSection(train_data_dir=str(tmp_path)), LORA)
     assert "holds 1 images directly" in info.value.message and "10_sks dog" in info.value.hint
     with pytest.raises(ConfigError, match="configuration problem"):
-        legacy_blueprint(DatasetSection(), SUPPORT["lora"])
-    blueprint = legacy_blueprint(
-        DatasetSection(in_json="/m.json", train_data_dir="/imgs"), SUPPORT["lora"]
-    )
+        legacy_blueprint(DatasetSection(), LORA)
+    blueprint = legacy_blueprint(DatasetSection(in_json="/m.json", train_data_dir="/imgs"), LORA)
     subset = blueprint.datasets[0].subsets[0]
     assert blueprint.datasets[0].kind == "finetune"
     assert subset.values == {"metadata_file": "/m.json", "image_dir": "/imgs"}
     with pytest.raises(ConfigError):
-        legacy_blueprint(DatasetSection(in_json="/m.json", reg_data_dir="/r"), SUPPORT["lora"])
+        legacy_blueprint(DatasetSection(in_json="/m.json", reg_data_dir="/r"), LORA)
     with pytest.raises(ConfigError):
-        legacy_blueprint(DatasetSection(in_json="/m.json"), SUPPORT["dreambooth"])
+        legacy_blueprint(DatasetSection(in_json="/m.json"), KINDS["dreambooth"])

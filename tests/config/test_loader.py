@@ -7,7 +7,11 @@ from pathlib import Path
 import pytest
 
 from sdtrain.config.loader import load_run_config
+from sdtrain.config.run import PLAN_COMMAND
 from sdtrain.errors import ConfigError
+from sdtrain.methods.registry import command_schema
+
+LORA = command_schema("lora")
 
 
 def write(tmp_path: Path, text: str, name: str = "run.toml") -> Path:
@@ -18,7 +22,7 @@ def write(tmp_path: Path, text: str, name: str = "run.toml") -> Path:
 
 def problems_of(args: list[str], command: str = "lora") -> list:
     with pytest.raises(ConfigError) as info:
-        load_run_config(args, command)
+        load_run_config(args, LORA if command == "lora" else command_schema(command))
     return info.value.problems
 
 
@@ -83,7 +87,7 @@ def test_flags_override_file_and_record_origin(tmp_path):
             "--resolution",
             "512,768",
         ],
-        "lora",
+        LORA,
     )
     cfg = loaded.config
     assert cfg.optimizer.learning_rate == 5e-4
@@ -99,7 +103,8 @@ def test_flags_override_file_and_record_origin(tmp_path):
 def test_config_path_may_follow_flags_and_list_flags(tmp_path):
     path = write(tmp_path, "")
     loaded = load_run_config(
-        ["--optimizer_args", "weight_decay=0.1", "betas=0.9,0.99", str(path)], "lora"
+        ["--optimizer_args", "weight_decay=0.1", "betas=0.9,0.99", str(path)],
+        LORA,
     )
     assert loaded.config.optimizer.optimizer_args == ["weight_decay=0.1", "betas=0.9,0.99"]
     assert loaded.source is not None and loaded.source.path == path
@@ -120,7 +125,7 @@ def test_relative_paths_resolve_against_the_config_folder(tmp_path, monkeypatch)
         sub, '[dataset]\ndataset_config = "data/ds.toml"\n[training]\noutput_dir = "out"\n'
     )
     monkeypatch.chdir(tmp_path)
-    cfg = load_run_config([str(path), "--logging_dir", "logs"], "lora").config
+    cfg = load_run_config([str(path), "--logging_dir", "logs"], LORA).config
     assert cfg.dataset.dataset_config == str((sub / "data/ds.toml").resolve())
     assert cfg.training.output_dir == str((sub / "out").resolve())
     assert cfg.logging.logging_dir == str(tmp_path / "logs")
@@ -150,15 +155,15 @@ def test_inline_blueprint_and_dataset_config_exclusive(tmp_path):
 
 def test_plan_accepts_any_method_table(tmp_path):
     path = write(tmp_path, "[network]\nnetwork_dim = 8\n[general]\nresolution = 512\n")
-    loaded = load_run_config([str(path)], "plan")
+    loaded = load_run_config([str(path)], PLAN_COMMAND)
     assert loaded.config.general == {"resolution": 512}
 
 
 def test_resume_path_resolves_against_the_file_but_auto_stays(tmp_path):
     path = write(tmp_path, '[saving]\nresume = "out/x-state"\n')
-    assert load_run_config([str(path)], "lora").config.saving.resume == str(
+    assert load_run_config([str(path)], LORA).config.saving.resume == str(
         (tmp_path / "out/x-state").resolve()
     )
     auto = write(tmp_path, '[saving]\nresume = "auto"\n', "auto.toml")
-    assert load_run_config([str(auto)], "lora").config.saving.resume == "auto"
-    assert load_run_config(["--resume", "auto"], "lora").config.saving.resume == "auto"
+    assert load_run_config([str(auto)], LORA).config.saving.resume == "auto"
+    assert load_run_config(["--resume", "auto"], LORA).config.saving.resume == "auto"

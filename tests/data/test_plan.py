@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from sdtrain.config.loader import load_run_config
+from sdtrain.config.run import PLAN_COMMAND
 from sdtrain.data.plan import Plan, plan_for_run
 from sdtrain.errors import ConfigError, DataError
 
@@ -61,7 +62,7 @@ def image(path: Path, size: tuple[int, int], orientation: int | None = None) -> 
 def plan_of(tmp_path: Path, text: str, *flags: str) -> Plan:
     run = tmp_path / "run.toml"
     run.write_text(text, encoding="utf-8")
-    return plan_for_run(load_run_config([str(run), *flags], "plan"), "plan")
+    return plan_for_run(load_run_config([str(run), *flags], PLAN_COMMAND))
 
 
 def images_by_name(plan: Plan, dataset: int = 0) -> dict[str, object]:
@@ -377,7 +378,7 @@ def test_plan_is_deterministic_and_writes_info_cache(tmp_path):
     first = plan_of(tmp_path, text).to_json()
     assert first == plan_of(tmp_path, text).to_json()
     assert not (tmp_path / "train" / "metadata_cache.json").exists()  # the plan only reads
-    run = load_run_config([str(tmp_path / "run.toml")], "plan")
-    plan_for_run(run, "plan", write_caches=True)
+    run = load_run_config([str(tmp_path / "run.toml")], PLAN_COMMAND)
+    plan_for_run(run, write_caches=True)
     assert (tmp_path / "train" / "metadata_cache.json").exists()
     assert plan_of(tmp_path, text).to_json() == first

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from sdtrain.config.loader import load_run_config
+from sdtrain.config.run import PLAN_COMMAND
 from sdtrain.data.latent_store import LatentStore
 from sdtrain.data.plan import plan_for_run
 from sdtrain.engine.latents import fill_store, vae_identity
@@ -45,7 +46,7 @@ def write_run(root: Path, subset_extra: str = "flip_aug = true") -> Path:
 
 
 def plan_of(run: Path):
-    return plan_for_run(load_run_config([str(run)], "plan"), "plan").datasets
+    return plan_for_run(load_run_config([str(run)], PLAN_COMMAND)).datasets
 
 
 @pytest.fixture(scope="module")

@@ -111,8 +111,8 @@ def inject(monkeypatch: Any, action: Callable[[int, Any], Any | None]) -> list[l
     real = step_module.micro_step_loss
     calls: list[list[str]] = []
 
-    def wrapped(ctx: Any, batch: Any, generator: Any) -> Any:
-        loss = real(ctx, batch, generator)
+    def wrapped(ctx: Any, batch: Any, generator: Any, step: Any) -> Any:
+        loss = real(ctx, batch, generator, step)
         calls.append(list(batch.paths))
         replaced = action(len(calls) - 1, loss)
         return loss if replaced is None else replaced

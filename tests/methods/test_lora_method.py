@@ -8,7 +8,7 @@ import torch
 from sdtrain.config.methods import NetworkSection
 from sdtrain.config.sections import OptimizerSection
 from sdtrain.errors import TrainingError
-from sdtrain.methods.base import SavePoint
+from sdtrain.methods.base import SavePoint, StepInfo
 from sdtrain.methods.lora import LoraMethod
 
 
@@ -20,6 +20,10 @@ def method(network: dict | None = None, optimizer: dict | None = None, **kwargs)
     )
 
 
+def info(step: int = 0) -> StepInfo:
+    return StepInfo(step, 1, torch.Generator().manual_seed(step))
+
+
 class FakeBatch:
     def __init__(self, captions: list[str], is_reg: list[bool]):
         self.captions = captions
@@ -29,9 +33,9 @@ class FakeBatch:
 def step(m: LoraMethod, bundle, groups) -> float:
     """One optimizer step on random latents; returns the loss."""
     opt = torch.optim.SGD([{"params": g.params, "lr": g.lr} for g in groups])
-    cond = m.condition(bundle, FakeBatch(["a cat", "a dog"], [False, True]))
+    cond = m.condition(bundle, FakeBatch(["a cat", "a dog"], [False, True]), info())
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    loss = bundle.unet(x, torch.tensor([10, 700]), cond).sample.pow(2).mean()
+    loss = bundle.family.predict(bundle.unet, x, torch.tensor([10, 700]), cond).pow(2).mean()
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -83,7 +87,7 @@ def test_learning_rates_plus_groups_and_zero_lr(tiny_bundle):
     assert not m.train_text_encoder()
     assert len(m.network.of("text_encoder")) == 12  # not trained, still saved
     assert not any(p.requires_grad for p in tiny_bundle.text_encoder.parameters())
-    cond = m.condition(tiny_bundle, FakeBatch(["a cat"], [False]))
+    cond = m.condition(tiny_bundle, FakeBatch(["a cat"], [False]), info()).hidden_states
     assert cond.grad_fn is None and cond.shape == (1, 77, 32)
 
 
@@ -120,7 +124,7 @@ def test_condition_is_the_text_encoder_output(tiny_bundle):
         want = tiny_bundle.text_encoder(ids).last_hidden_state
     m = method()
     m.prepare(tiny_bundle)
-    got = m.condition(tiny_bundle, FakeBatch(["a cat"], [False]))
+    got = m.condition(tiny_bundle, FakeBatch(["a cat"], [False]), info()).hidden_states
     torch.testing.assert_close(got, want)  # LoRA up weights start at zero
     assert got.requires_grad  # the text-encoder LoRA is trained
 
@@ -137,7 +141,7 @@ def test_max_norm(tiny_bundle):
     with torch.no_grad():
         for i, mod in enumerate(m.network.modules):
             mod.up.weight.fill_(1.0 if i % 2 else 1e-4)
-    metrics = m.after_step(tiny_bundle)
+    metrics = m.after_step(tiny_bundle, info(1))
     assert set(metrics) == {
         "max_norm/keys_scaled",
         "max_norm/average_key_norm",
@@ -149,7 +153,7 @@ def test_max_norm(tiny_bundle):
 
     for mod in m.network.modules:
         assert delta_weight(mod.down.weight, mod.up.weight).norm() <= 1.0 + 1e-5
-    assert method().after_step(tiny_bundle) == {}
+    assert method().after_step(tiny_bundle, info(1)) == {}
 
 
 def test_trainable_state_round_trip(tiny_bundle):

@@ -35,14 +35,16 @@ def plan(
 
     if help_config:
         from sdtrain.cli.options import print_help_config
+        from sdtrain.config.run import PLAN_COMMAND
 
-        print_help_config("plan")
+        print_help_config(PLAN_COMMAND)
         raise typer.Exit()
     from sdtrain.config.loader import load_run_config
+    from sdtrain.config.run import PLAN_COMMAND
     from sdtrain.data.plan import plan_for_run
 
-    loaded = load_run_config(list(ctx.args), "plan", require_file=True)
-    result = plan_for_run(loaded, "plan")
+    loaded = load_run_config(list(ctx.args), PLAN_COMMAND, require_file=True)
+    result = plan_for_run(loaded)
     if as_json:
         import json
 

@@ -9,6 +9,8 @@ import importlib
 
 import typer
 
+from sdtrain.methods.registry import METHODS  # stdlib-only: the method names
+
 # (group name, module, help)
 GROUPS: list[tuple[str, str, str]] = [
     ("caption", "sdtrain.cli.caption", "Caption or tag images (BLIP, WD14)."),
@@ -17,7 +19,7 @@ GROUPS: list[tuple[str, str, str]] = [
     ("latents", "sdtrain.cli.latents", "Pre-encode training latents (VAE) to disk."),
     ("generate", "sdtrain.cli.generate", "Generate images from a model, LoRAs and embeddings."),
     ("model", "sdtrain.cli.model", "Inspect and convert model files."),
-    ("train", "sdtrain.cli.train", "Train a model (lora)."),
+    ("train", "sdtrain.cli.train", "Train a model (" + ", ".join(METHODS) + ")."),
 ]
 
 

@@ -41,13 +41,15 @@ def cache(
     """
     if help_config:
         from sdtrain.cli.options import print_help_config
+        from sdtrain.config.run import PLAN_COMMAND
 
-        print_help_config("plan")
+        print_help_config(PLAN_COMMAND)
         raise typer.Exit()
     from sdtrain.config.loader import load_run_config
+    from sdtrain.config.run import PLAN_COMMAND
     from sdtrain.run.latents import cache_latents
 
-    loaded = load_run_config(list(ctx.args), "plan", require_file=True)
+    loaded = load_run_config(list(ctx.args), PLAN_COMMAND, require_file=True)
     outcome = cache_latents(loaded, verify_only=verify)
     _render(outcome)
     report = outcome.report

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sdtrain.config.run import CommandSchema
 
 CONFIG_COMMAND: dict[str, Any] = {
     "allow_extra_args": True,
@@ -11,21 +14,21 @@ CONFIG_COMMAND: dict[str, Any] = {
 }
 
 
-def print_help_config(command: str) -> None:
+def print_help_config(command: CommandSchema) -> None:
     """Print every key of `command`'s schema with table, type, default and description."""
+    from rich.markup import escape
     from rich.table import Table
 
-    from sdtrain.config.run import COMMAND_SCHEMAS
     from sdtrain.config.schema_index import index_schema
     from sdtrain.log import out
 
-    table = Table(title=f"configuration keys ({command})", show_lines=False)
+    table = Table(title=f"configuration keys ({command.name})", show_lines=False)
     for column in ("key", "table", "type", "default", "description"):
         table.add_column(column, overflow="fold")
-    for name, info in index_schema(COMMAND_SCHEMAS[command]).items():
+    for name, info in index_schema(command.model).items():
         table.add_row(
             name,
-            f"[{info.table}]",
+            escape(f"[{info.table}]"),  # not rich markup
             info.type_text(),
             info.default_text(),
             info.field.description or "",

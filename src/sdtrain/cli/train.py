@@ -3,34 +3,31 @@
 from __future__ import annotations
 
 import shlex
+from collections.abc import Callable
 
 import typer
 
 from sdtrain.cli.options import CONFIG_COMMAND
+from sdtrain.methods.registry import METHODS, MethodEntry
 
-app = typer.Typer(no_args_is_help=True, help="Train LoRA (more methods follow on the same engine).")
-
-_EVERYDAY = """
-Everyday options (any key of the run schema works as --key value; see --help-config):
-  --pretrained_model_name_or_path PATH   --output_dir DIR   --output_name NAME
-  --max_train_steps N   --max_train_epochs N   --train_batch_size N   --learning_rate LR
-  --network_dim N   --network_alpha A   --mixed_precision no|bf16|fp16   --seed N
-  --cache_latents   --save_every_n_epochs N   --save_state   --resume PATH|auto
-"""
+app = typer.Typer(
+    no_args_is_help=True,
+    help="Train a model (" + ", ".join(METHODS) + "): one engine, one command per method.",
+)
 
 
 def _run(ctx: typer.Context, command: str, dry_run: bool, help_config: bool) -> None:
     if help_config:
         from sdtrain.cli.options import print_help_config
 
-        print_help_config(command)
+        print_help_config(METHODS[command].command)
         raise typer.Exit()
     from sdtrain.cli.plan_view import render_plan
     from sdtrain.config.loader import load_run_config
     from sdtrain.log import console, out
     from sdtrain.run.train import execute, prepare
 
-    loaded = load_run_config(list(ctx.args), command, require_file=True)
+    loaded = load_run_config(list(ctx.args), METHODS[command].command, require_file=True)
     prepared = prepare(loaded, command, write_caches=not dry_run)
     render_plan(console, prepared.plan)
     if dry_run:
@@ -66,18 +63,26 @@ def _without_resume(command: str) -> str:
     return " ".join(shlex.quote(p) for p in kept)
 
 
-@app.command("lora", context_settings=CONFIG_COMMAND, epilog=_EVERYDAY)
-def lora(
-    ctx: typer.Context,
-    dry_run: bool = typer.Option(
-        False,
-        "--dry-run",
-        "--dry_run",
-        help="Validate, print the plan and resolved config; load no weights.",
-    ),
-    help_config: bool = typer.Option(
-        False, "--help-config", "--help_config", help="List every configuration key and exit."
-    ),
-) -> None:
-    """Train a kohya-compatible LoRA: sdtrain train lora RUN.toml [--key value ...]"""
-    _run(ctx, "lora", dry_run, help_config)
+def _command(entry: MethodEntry) -> Callable[..., None]:
+    def train(
+        ctx: typer.Context,
+        dry_run: bool = typer.Option(
+            False,
+            "--dry-run",
+            "--dry_run",
+            help="Validate, print the plan and resolved config; load no weights.",
+        ),
+        help_config: bool = typer.Option(
+            False, "--help-config", "--help_config", help="List every configuration key and exit."
+        ),
+    ) -> None:
+        _run(ctx, entry.name, dry_run, help_config)
+
+    train.__doc__ = entry.summary
+    return train
+
+
+for _entry in METHODS.values():
+    app.command(_entry.name, context_settings=CONFIG_COMMAND, epilog=_entry.usage or None)(
+        _command(_entry)
+    )

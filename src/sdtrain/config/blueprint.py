@@ -188,14 +188,9 @@ class Support:
     title: str = "sdtrain dataset plan"
 
 
-# command -> what it supports (reference: train_network / train_db / fine_tune / TI)
-SUPPORT: dict[str, Support] = {
-    "plan": Support(True, True, True, "sdtrain dataset plan"),
-    "lora": Support(True, True, True, "sdtrain train lora"),
-    "dreambooth": Support(True, False, True, "sdtrain train dreambooth"),
-    "finetune": Support(False, True, True, "sdtrain train finetune"),
-    "ti": Support(True, True, False, "sdtrain train ti"),
-}
+# Commands name their Support in sdtrain.methods.registry (reference: train_network / train_db /
+# fine_tune / TI) and config.run.PLAN_COMMAND; this one accepts every kind.
+ANY_KIND = Support(True, True, True, "sdtrain dataset plan")
 
 # Built-in defaults: the end of the resolution chain (reference dataclass defaults, with the
 # tuple-default bug of caption_separator / keep_tokens_separator fixed to the values users get).

@@ -160,10 +160,10 @@ def _placement_hint(key: str, model: type, kind: Kind | None) -> str | None:
         )
     if key == "metadata_file" and kind == "dreambooth":
         return "this command cannot train fine-tune subsets (with metadata_file)"
-    from sdtrain.config.run import COMMAND_SCHEMAS
+    from sdtrain.config.run import RunConfig
     from sdtrain.config.schema_index import index_schema
 
-    info = index_schema(COMMAND_SCHEMAS["plan"]).get(key)
+    info = index_schema(RunConfig).get(key)
     if info is not None:
         return f"`{key}` is a run option: set it in the run config's [{info.table}] table"
     return None

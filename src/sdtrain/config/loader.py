@@ -13,7 +13,7 @@ from sdtrain.config.base import PATH_KEYWORDS
 from sdtrain.config.flags import CLI, parse_flags
 from sdtrain.config.methods import METHOD_TABLES
 from sdtrain.config.problems import problems_from_validation
-from sdtrain.config.run import COMMAND_SCHEMAS, COMMAND_TITLES, RunConfig
+from sdtrain.config.run import CommandSchema, RunConfig
 from sdtrain.config.schema_index import index_schema, suggest, table_names
 from sdtrain.config.toml_source import SourceDoc, read_config_file
 from sdtrain.errors import ConfigError, Problem
@@ -26,6 +26,7 @@ class LoadedConfig:
     config: RunConfig
     source: SourceDoc | None
     cli_keys: set[str] = field(default_factory=set)  # "table.key" set on the command line
+    command: CommandSchema | None = None  # what it was validated against (None: built by hand)
 
     def origin(self, table: str, key: str) -> str:
         """'<file>:<line>', '<command line>' or 'default' for one key."""
@@ -62,7 +63,7 @@ def _resolve_paths(raw: dict[str, Any], schema: type[BaseModel], base: Path) -> 
 
 
 def _top_level_problems(
-    raw: dict[str, Any], schema: type[BaseModel], command: str, doc: SourceDoc | None
+    raw: dict[str, Any], schema: type[BaseModel], title: str, doc: SourceDoc | None
 ) -> list[Problem]:
     problems = []
     tables = table_names(schema)
@@ -80,7 +81,7 @@ def _top_level_problems(
                     file=file,
                     line=line,
                     message=f"the [{name}] table belongs to `sdtrain train {owner}`, "
-                    f"not to `{COMMAND_TITLES[command]}`",
+                    f"not to `{title}`",
                     hint=f"remove the table, or run `sdtrain train {owner}`",
                 )
             )
@@ -113,12 +114,15 @@ def _top_level_problems(
     return problems
 
 
-def load_run_config(args: list[str], command: str, require_file: bool = False) -> LoadedConfig:
-    """Validate `[CONFIG.toml] [--key value ...]` against the schema of `command`.
+def load_run_config(
+    args: list[str], command: CommandSchema, require_file: bool = False
+) -> LoadedConfig:
+    """Validate `[CONFIG.toml] [--key value ...]` against the schema of `command` (from
+    sdtrain.methods.registry.command_schema, or config.run.PLAN_COMMAND).
 
     Raises ConfigError listing every problem at once (flags, file and cross-field rules together).
     """
-    schema = COMMAND_SCHEMAS[command]
+    schema = command.model
     parsed = parse_flags(args, index_schema(schema))
     problems = list(parsed.problems)
     if len(parsed.positionals) > 1:
@@ -134,12 +138,12 @@ def load_run_config(args: list[str], command: str, require_file: bool = False) -
     if require_file and not parsed.positionals:
         raise ConfigError(
             [Problem(key="", file=CLI, message="no config file given")],
-            hint=f"usage: {COMMAND_TITLES[command]} RUN.toml [--key value ...]",
+            hint=f"usage: {command.title} RUN.toml [--key value ...]",
         )
     path = Path(parsed.positionals[0]) if parsed.positionals else None
     doc = read_config_file(path) if path is not None else None
     raw: dict[str, Any] = copy.deepcopy(doc.data) if doc else {}
-    problems.extend(_top_level_problems(raw, schema, command, doc))
+    problems.extend(_top_level_problems(raw, schema, command.title, doc))
     if doc:
         _resolve_paths(raw, schema, doc.path.parent)
     cli_keys: set[str] = set()
@@ -180,7 +184,7 @@ def load_run_config(args: list[str], command: str, require_file: bool = False) -
     if problems:
         raise ConfigError(problems, hint=_hint(path))
     assert config is not None
-    return LoadedConfig(config=config, source=doc, cli_keys=cli_keys)
+    return LoadedConfig(config=config, source=doc, cli_keys=cli_keys, command=command)
 
 
 def _hint(path: Path | None) -> str:

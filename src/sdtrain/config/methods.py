@@ -96,7 +96,8 @@ class TextualInversionSection(Section):
         return self
 
 
-# table name -> the subcommand it belongs to (every method the product will have)
+# table name -> the subcommand it belongs to (every method the product will have; a table is
+# registered with its section class in sdtrain.methods.registry)
 METHOD_TABLES: dict[str, str] = {
     "network": "lora",
     "dreambooth": "dreambooth",

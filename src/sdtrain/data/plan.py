@@ -357,14 +357,13 @@ def build_plan(
     )
 
 
-def plan_for_run(
-    loaded: LoadedConfig, command: str, num_processes: int = 1, write_caches: bool = False
-) -> Plan:
+def plan_for_run(loaded: LoadedConfig, num_processes: int = 1, write_caches: bool = False) -> Plan:
     """Blueprint (file, inline or legacy) -> resolution chain -> plan, for a loaded run config.
 
-    `command` picks the dataset kinds allowed ("lora", "dreambooth", "finetune", "ti", "plan").
+    The command it was loaded for picks the dataset kinds allowed (`loaded.command.support`,
+    from the method registry; every kind when the config was built by hand).
     """
-    from sdtrain.config.blueprint import SUPPORT
+    from sdtrain.config.blueprint import ANY_KIND
     from sdtrain.config.blueprint_load import dataset_blueprint
     from sdtrain.config.chain import resolve_blueprint, run_level_for, run_origins
 
@@ -374,7 +373,7 @@ def plan_for_run(
         config.general,
         config.datasets,
         loaded.source,
-        SUPPORT[command],
+        loaded.command.support if loaded.command is not None else ANY_KIND,
         run_origins(loaded),
     )
     resolved = resolve_blueprint(blueprint, run_level_for(loaded))

@@ -18,16 +18,22 @@ class StepPlan:
 
     def step_ends_at(self, position: int) -> bool:
         """True when the batch at `position` closes an accumulation window (optimizer step)."""
-        return (position + 1) % self.gradient_accumulation_steps == 0 or \
-            position + 1 == self.batches_per_epoch
+        return (
+            position + 1
+        ) % self.gradient_accumulation_steps == 0 or position + 1 == self.batches_per_epoch
 
     def steps_before(self, epoch: int, position: int) -> int:
         """Optimizer steps completed before batch (epoch, position) runs."""
         return (epoch - 1) * self.steps_per_epoch + position // self.gradient_accumulation_steps
 
 
-def plan_steps(batches_per_epoch: int, gradient_accumulation_steps: int, max_train_steps: int,
-               max_train_epochs: int | None, num_processes: int = 1) -> StepPlan:
+def plan_steps(
+    batches_per_epoch: int,
+    gradient_accumulation_steps: int,
+    max_train_steps: int,
+    max_train_epochs: int | None,
+    num_processes: int = 1,
+) -> StepPlan:
     """Reference accounting: epochs win over steps; steps/epoch = ceil(batches/procs/accum)."""
     if batches_per_epoch <= 0:
         raise ValueError("the dataset has no batches")

@@ -33,7 +33,7 @@ from sdtrain.engine.state import (
     tidy_output_dir,
 )
 from sdtrain.errors import Interrupted, TrainingError
-from sdtrain.methods.base import Method, SavePoint
+from sdtrain.methods.base import Method, SavePoint, StepInfo
 from sdtrain.models.bundle import ModelBundle
 from sdtrain.seeds import derive_seed
 
@@ -274,7 +274,8 @@ class Trainer:
                         torch.manual_seed(
                             derive_seed(self.seed, "torch", counters.global_step, micro)
                         )
-                        loss = self.ctx_loss(batch, generator)
+                        info = self._step_info(counters, micro)
+                        loss = self.ctx_loss(batch, generator, info)
                         value = float(loss.detach())
                         window_paths.extend(batch.paths)
                         if math.isfinite(value):
@@ -302,7 +303,8 @@ class Trainer:
                             bad_run, before_bad = [], None
                             last_loss = sum(window_losses) / len(window_losses)
                             record["loss"] = last_loss
-                            record.update(self.method.after_step(self.bundle))
+                            info = self._step_info(counters, steps.gradient_accumulation_steps)
+                            record.update(self.method.after_step(self.bundle, info))
                         else:
                             counters.nonfinite_skipped += 1
                             if before_bad is None:
@@ -370,10 +372,19 @@ class Trainer:
         steps = self.steps
         return lambda position: steps.steps_before(epoch, position)
 
-    def ctx_loss(self, batch: Batch, generator: Any) -> Any:
+    def _step_info(self, counters: Counters, position: int) -> StepInfo:
+        """Method hook context: its generator is seeded from (seed, "method", step, position);
+        `position` is the micro-step (after_step uses the accumulation count)."""
+        import torch
+
+        seed = derive_seed(self.seed, "method", counters.global_step, position)
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        return StepInfo(counters.global_step, counters.epoch, generator)
+
+    def ctx_loss(self, batch: Batch, generator: Any, step: StepInfo) -> Any:
         from sdtrain.engine.step import micro_step_loss
 
-        return micro_step_loss(self.ctx, batch, generator)
+        return micro_step_loss(self.ctx, batch, generator, step)
 
     def _backward(self, loss: Any) -> None:
         if self.scaler is not None:

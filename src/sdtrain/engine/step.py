@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from sdtrain.engine.loss import LossRecipe
     from sdtrain.engine.noise import NoiseRecipe
     from sdtrain.engine.precision import Precision
-    from sdtrain.methods.base import Method
+    from sdtrain.methods.base import Method, StepInfo
     from sdtrain.models.bundle import ModelBundle
 
 
@@ -53,8 +53,13 @@ def encode_latents(ctx: StepContext, batch: Batch, generator: torch.Generator) -
     return latents * scale
 
 
-def micro_step_loss(ctx: StepContext, batch: Batch, generator: torch.Generator) -> torch.Tensor:
-    """The recipe loss of one micro-batch (a 0-d fp32 tensor with a graph to the trainables)."""
+def micro_step_loss(
+    ctx: StepContext, batch: Batch, generator: torch.Generator, step: StepInfo
+) -> torch.Tensor:
+    """The recipe loss of one micro-batch (a 0-d fp32 tensor with a graph to the trainables).
+
+    `generator` drives the engine's draws (noise, timesteps, VAE sampling); `step` is what the
+    method's hooks see (its own generator)."""
     import torch
 
     from sdtrain.engine.precision import input_casts_off
@@ -70,12 +75,13 @@ def micro_step_loss(ctx: StepContext, batch: Batch, generator: torch.Generator) 
         torch.autocast(ctx.device.type, dtype=ctx.precision.weight, enabled=ctx.precision.autocast),
         input_casts_off(ctx.uncast),
     ):
-        cond = ctx.method.condition(ctx.bundle, batch)
-        pred = ctx.bundle.unet(
+        cond = ctx.method.condition(ctx.bundle, batch, step)
+        pred = ctx.bundle.family.predict(
+            ctx.bundle.unet,
             noisy.to(ctx.precision.weight if ctx.precision.autocast else torch.float32),
             timesteps,
             cond,
-        ).sample
+        )
     loss, _ = ctx.loss.compute(
         pred.float(),
         target.float(),

@@ -26,6 +26,38 @@ class ParamGroup:
 
 
 @dataclass
+class Conditioning:
+    """What `Method.condition` returns and the model family turns into UNet kwargs.
+
+    hidden_states: (B, L, D) text conditioning (SD1/SD2: the only part).
+    extra: family-specific tensors, e.g. SDXL's pooled text embeddings and size/crop time ids
+        (the family's `unet_kwargs` decides what it reads).
+    layer_states: XTI ("P+"): one (B, L, D) per UNet cross-attention site in the reference order
+        (down blocks, mid, up blocks; 16 for SD1/SD2), or None for the plain path.
+    """
+
+    hidden_states: torch.Tensor
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    layer_states: list[torch.Tensor] | None = None
+
+
+@dataclass
+class StepInfo:
+    """The step context method hooks receive.
+
+    global_step: optimizer steps done before this one (in `after_step`: including it).
+    epoch: the 1-based epoch the step belongs to.
+    generator: a CPU generator seeded from (seed, "method", global_step, micro-step position),
+        never from the rank: draws a method makes with it (TI templates) are reproducible and
+        resume exactly.
+    """
+
+    global_step: int
+    epoch: int
+    generator: torch.Generator
+
+
+@dataclass
 class SavePoint:
     """Where and why the engine saves: file stem (reference naming) plus counters."""
 
@@ -50,15 +82,16 @@ class Method(Protocol):
         """True when the text encoder's output depends on trainable parameters this step."""
         ...
 
-    def condition(self, bundle: ModelBundle, batch: Batch) -> torch.Tensor:
-        """Text conditioning for the batch: (B, L, D). TI overrides token handling here."""
+    def condition(self, bundle: ModelBundle, batch: Batch, step: StepInfo) -> Conditioning:
+        """Conditioning for the batch (hidden states (B, L, D) plus family extras; XTI adds
+        per-layer states). TI overrides token handling here."""
         ...
 
     def loss_weights(self, batch: Batch) -> torch.Tensor | None:
         """Per-sample loss multipliers (B,), e.g. prior_loss_weight on reg samples; None = ones."""
         ...
 
-    def after_step(self, bundle: ModelBundle) -> dict[str, float]:
+    def after_step(self, bundle: ModelBundle, step: StepInfo) -> dict[str, float]:
         """Hook after each optimizer step (TI restores frozen rows; max-norm); returns metrics."""
         ...
 

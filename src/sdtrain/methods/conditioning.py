@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
+    from sdtrain.data.plan import Plan
     from sdtrain.models.bundle import ModelBundle
 
 
@@ -48,3 +49,23 @@ class TextConditioning:
                 weights,
                 eos_token_id=bundle.tokenizer.eos_token_id,
             )
+
+
+_CAPTION_RANDOMNESS = (
+    "shuffle_caption",
+    "caption_dropout_rate",
+    "caption_dropout_every_n_epochs",
+    "caption_tag_dropout_rate",
+    "enable_wildcard",
+    "token_warmup_step",
+)
+
+
+def static_captions(plan: Plan) -> bool:
+    """True when no subset changes its captions between steps (text outputs can be cached)."""
+    return not any(
+        subset.params.get(key)
+        for dataset in plan.datasets
+        for subset in dataset.subsets
+        for key in _CAPTION_RANDOMNESS
+    )

@@ -11,19 +11,37 @@ from typing import TYPE_CHECKING
 from sdtrain.errors import ConfigError, Problem
 from sdtrain.methods.adapters.lora import LoraNetwork
 from sdtrain.methods.adapters.spec import LoraSpec
-from sdtrain.methods.base import ParamGroup, SavePoint
+from sdtrain.methods.base import Conditioning, ParamGroup, SavePoint, StepInfo
 from sdtrain.methods.conditioning import TextConditioning
 
 if TYPE_CHECKING:
     import torch
 
     from sdtrain.config.methods import NetworkSection
+    from sdtrain.config.run import RunConfig
     from sdtrain.config.sections import OptimizerSection
     from sdtrain.data.batch import Batch
+    from sdtrain.data.plan import Plan
     from sdtrain.models.bundle import ModelBundle
     from sdtrain.models.text_cache import TextConditionCache
 
 log = logging.getLogger(__name__)
+
+
+def build(config: RunConfig, plan: Plan) -> LoraMethod:
+    """The registry's builder: LoraMethod from a validated `sdtrain train lora` config."""
+    from sdtrain.methods.conditioning import static_captions
+
+    return LoraMethod(
+        config.network,  # type: ignore[attr-defined]
+        config.optimizer,
+        prior_loss_weight=config.training.prior_loss_weight,
+        clip_skip=config.model.clip_skip,
+        max_token_length=config.model.max_token_length,
+        save_precision=config.saving.save_precision,
+        weighted_captions=config.training.weighted_captions,
+        cache_text_outputs=static_captions(plan),
+    )
 
 
 class LoraMethod:
@@ -132,11 +150,11 @@ class LoraMethod:
         """True when a text-encoder LoRA group is trained (LR > 0, not unet-only)."""
         return self._trains_te
 
-    def condition(self, bundle: ModelBundle, batch: Batch) -> torch.Tensor:
+    def condition(self, bundle: ModelBundle, batch: Batch, step: StepInfo) -> Conditioning:
         """(B, 75n+2, D) text conditioning; no autograd graph when the text encoder is frozen."""
         if self._text_cache is not None:
-            return self._text_cache(batch.captions)
-        return self.text.encode(bundle, batch.captions, grad=self._trains_te)
+            return Conditioning(self._text_cache(batch.captions))
+        return Conditioning(self.text.encode(bundle, batch.captions, grad=self._trains_te))
 
     def loss_weights(self, batch: Batch) -> torch.Tensor | None:
         """(B,) prior_loss_weight on regularization samples, 1 elsewhere (None when all 1)."""
@@ -147,7 +165,7 @@ class LoraMethod:
         is_reg = batch.is_reg.bool()
         return torch.where(is_reg, self.prior_loss_weight, 1.0).to(torch.float32)
 
-    def after_step(self, bundle: ModelBundle) -> dict[str, float]:
+    def after_step(self, bundle: ModelBundle, step: StepInfo) -> dict[str, float]:
         """scale_weight_norms max-norm; returns max_norm/keys_scaled, average/max key norm."""
         if self.section.scale_weight_norms is None:
             return {}

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
+    import torch
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
+
+    from sdtrain.methods.base import Conditioning
 
 
 @dataclass(frozen=True)
@@ -23,6 +26,27 @@ class FamilyInfo:
     @property
     def is_v(self) -> bool:
         return self.prediction_type == "v_prediction"
+
+    def unet_kwargs(self, unet: Any, cond: Conditioning) -> dict[str, Any]:
+        """Keyword arguments of the UNet call for `cond` (SD1/SD2: hidden states; XTI layer
+        states go to the cross-attention processors through cross_attention_kwargs)."""
+        kwargs: dict[str, Any] = {"encoder_hidden_states": cond.hidden_states}
+        if cond.layer_states is not None:
+            from sdtrain.models.layer_states import install_layer_states
+
+            sites = install_layer_states(unet)
+            if len(cond.layer_states) != sites:
+                raise ValueError(
+                    f"{len(cond.layer_states)} layer states for {sites} cross-attention sites"
+                )
+            kwargs["cross_attention_kwargs"] = {"layer_states": list(cond.layer_states)}
+        return kwargs
+
+    def predict(
+        self, unet: Any, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning
+    ) -> torch.Tensor:
+        """The UNet's prediction (noise or v) for noisy latents at `timesteps` under `cond`."""
+        return unet(noisy, timesteps, **self.unet_kwargs(unet, cond)).sample
 
     @property
     def base_model_version(self) -> str:

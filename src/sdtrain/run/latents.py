@@ -79,7 +79,7 @@ def cache_latents(loaded: LoadedConfig, verify_only: bool = False) -> LatentsOut
 
     cfg = loaded.config
     t = cfg.training
-    plan = plan_for_run(loaded, "plan")
+    plan = plan_for_run(loaded)
     if plan.steps is None:
         raise DataError(
             "No data found: the datasets contain no usable images",

@@ -15,7 +15,6 @@ from sdtrain.errors import ConfigError, Problem, TrainingError
 if TYPE_CHECKING:
     from sdtrain.data.plan import Plan
     from sdtrain.engine.loop import TrainResult
-    from sdtrain.methods.base import Method
     from sdtrain.models.bundle import ModelBundle
 
 logger = logging.getLogger(__name__)
@@ -74,7 +73,7 @@ def prepare(loaded: LoadedConfig, command: str, write_caches: bool = False) -> P
     _require(loaded)
     cfg = loaded.config
     check_run_folder_free(Path(str(cfg.training.output_dir)))  # before reading its states
-    plan = plan_for_run(loaded, command, write_caches=write_caches)  # cache_info size caches
+    plan = plan_for_run(loaded, write_caches=write_caches)  # cache_info size caches
     resume_folder = resolve_resume(cfg.saving, Path(str(cfg.training.output_dir)))
     seed = cfg.training.seed
     if seed is None and resume_folder is not None:
@@ -105,44 +104,6 @@ def prepare(loaded: LoadedConfig, command: str, write_caches: bool = False) -> P
             load_state_config(resume_folder), state_config, cfg.saving.resume_allow_changes
         )
     return Prepared(loaded, command, plan, seed, resume_folder, state_config)
-
-
-_CAPTION_RANDOMNESS = (
-    "shuffle_caption",
-    "caption_dropout_rate",
-    "caption_dropout_every_n_epochs",
-    "caption_tag_dropout_rate",
-    "enable_wildcard",
-    "token_warmup_step",
-)
-
-
-def _static_captions(plan: Plan) -> bool:
-    """True when no subset changes its captions between steps (text outputs can be cached)."""
-    return not any(
-        subset.params.get(key)
-        for dataset in plan.datasets
-        for subset in dataset.subsets
-        for key in _CAPTION_RANDOMNESS
-    )
-
-
-def _build_method(command: str, loaded: LoadedConfig, plan: Plan) -> Method:
-    cfg = loaded.config
-    if command == "lora":
-        from sdtrain.methods.lora import LoraMethod
-
-        return LoraMethod(
-            cfg.network,
-            cfg.optimizer,  # type: ignore[attr-defined]
-            prior_loss_weight=cfg.training.prior_loss_weight,
-            clip_skip=cfg.model.clip_skip,
-            max_token_length=cfg.model.max_token_length,
-            save_precision=cfg.saving.save_precision,
-            weighted_captions=cfg.training.weighted_captions,
-            cache_text_outputs=_static_captions(plan),
-        )
-    raise ValueError(f"unknown training method {command}")
 
 
 def _data(prepared: Prepared, bundle: ModelBundle, precision_vae: Any) -> Any:
@@ -206,7 +167,7 @@ def _execute(prepared: Prepared, resume_hint: str) -> TrainResult:
     from sdtrain.models.load import load_bundle
     from sdtrain.run.facts import collect_facts
 
-    loaded, cfg = prepared.loaded, prepared.loaded.config
+    cfg = prepared.loaded.config
     prepared.plan.require_valid()
     output_dir = Path(str(cfg.training.output_dir))
     current = resolved_dict(cfg)
@@ -214,7 +175,9 @@ def _execute(prepared: Prepared, resume_hint: str) -> TrainResult:
     assert steps is not None
     state_config = prepared.state_config
     state = load_state(prepared.resume_folder) if prepared.resume_folder is not None else None
-    method = _build_method(prepared.command, loaded, prepared.plan)
+    from sdtrain.methods.registry import METHODS
+
+    method = METHODS[prepared.command].build(cfg, prepared.plan)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = precision_for(cfg.training, cfg.model.no_half_vae, device.type)
     bundle = load_bundle(cfg.model, device=device)
