@@ -131,8 +131,8 @@ def test_breaking_config_changes_are_named_and_need_allowing(cli, tmp_path, run_
         resume("data", dataset={"train_data_dir": str(other)})
     assert "dataset.train_data_dir" in info.value.message
     with pytest.raises(TrainingError) as info:
-        resume("two", training={"seed": 8, "max_train_steps": 9})
-    assert "training.seed" in info.value.message and "training.max_train_steps" in info.value.hint
+        resume("two", training={"seed": 8, "train_batch_size": 2})
+    assert "training.seed" in info.value.message and "training.train_batch_size" in info.value.hint
     assert not out.exists()  # refused before anything was written
 
     # harmless changes (save cadence, logging, sampling) pass, are logged, keep exactness

@@ -182,12 +182,16 @@ def load_run_config(
     except ValidationError as exc:
         problems.extend(problems_from_validation(exc, locate, allowed_keys=allowed, schema=schema))
     if problems:
-        raise ConfigError(problems, hint=_hint(path))
+        raise ConfigError(problems, hint=_hint(path, problems))
     assert config is not None
     return LoadedConfig(config=config, source=doc, cli_keys=cli_keys, command=command)
 
 
-def _hint(path: Path | None) -> str:
+def _hint(path: Path | None, problems: list[Problem]) -> str:
+    in_file = path is not None and any(p.file != CLI for p in problems)
+    on_line = any(p.file == CLI for p in problems)
+    where = [f"in {path}"] if in_file else []
+    where += ["on the command line"] if on_line else []
     return (
-        "fix the keys above" + (f" in {path}" if path else "") + "; `--help-config` lists every key"
+        f"fix the keys above {' and '.join(where)}".rstrip() + "; `--help-config` lists every key"
     )

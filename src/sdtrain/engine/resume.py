@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sdtrain.config.sections import SavingSection
-from sdtrain.engine.state import find_latest_state
+from sdtrain.engine.state import MANIFEST, find_latest_state
 from sdtrain.errors import TrainingError
 
 if TYPE_CHECKING:
@@ -38,6 +38,17 @@ HARMLESS_KEYS = {
 }
 
 
+# Keys whose growth continues a run (train longer): the schedule is rebuilt for the new length.
+LENGTH_KEYS = ("training.max_train_steps", "training.max_train_epochs")
+
+
+def _longer(old: Any, new: Any) -> bool:
+    """True when a run length grows (None -> N counts: epochs were not used before)."""
+    if new is None:
+        return False
+    return old is None or (isinstance(old, int) and isinstance(new, int) and new > old)
+
+
 def resolve_resume(saving: SavingSection, output_dir: Path) -> Path | None:
     """The state folder to resume from: `resume` as given, the newest valid one for "auto"."""
     if not saving.resume:
@@ -47,7 +58,31 @@ def resolve_resume(saving: SavingSection, output_dir: Path) -> Path | None:
         if found is None:
             logger.info('resume = "auto": no complete state in %s, starting fresh', output_dir)
         return found
-    return Path(saving.resume)
+    return _state_in(Path(saving.resume))
+
+
+def _state_in(path: Path) -> Path:
+    """`path` itself when it is a state folder; for an output folder, its newest complete state.
+
+    A folder holding no complete state is refused with the `*-state` folders it does hold.
+    """
+    if not path.is_dir() or (path / MANIFEST).is_file() or path.name.endswith("-state"):
+        return path
+    found = find_latest_state(path)
+    if found is not None:
+        logger.info(
+            "resume: %s is an output folder; continuing from its newest state %s", path, found.name
+        )
+        return found
+    names = sorted(
+        p.name for p in path.glob("*-state") if p.is_dir() and not p.name.startswith(".")
+    )
+    held = ", ".join(names) if names else "none"
+    raise TrainingError(
+        f"cannot resume from {path}: it is not a state folder and holds no complete state "
+        f"(*-state folders there: {held})",
+        hint="give one of those state folders, or train with save_state = true to write states",
+    )
 
 
 def data_fingerprint(datasets: list[DatasetPlan], batches_per_epoch: int) -> dict[str, Any]:
@@ -103,6 +138,15 @@ def check_resume_config(
     breaking = []
     for key, (old, new) in changes.items():
         harmless = key in HARMLESS_KEYS or key.startswith(HARMLESS_PREFIXES)
+        if key in LENGTH_KEYS and _longer(old, new):
+            logger.info(
+                "resume: %s raised from %r to %r; the LR schedule was recomputed for the new "
+                "length (steps already taken keep their learning rates)",
+                key,
+                old,
+                new,
+            )
+            continue
         if harmless or "*" in allowed or key in allowed:
             logger.info("resume: %s changed from %r to %r", key, old, new)
         else:

@@ -74,6 +74,9 @@ def prepare(loaded: LoadedConfig, command: str, write_caches: bool = False) -> P
     cfg = loaded.config
     check_run_folder_free(Path(str(cfg.training.output_dir)))  # before reading its states
     plan = plan_for_run(loaded, write_caches=write_caches)  # cache_info size caches
+    from sdtrain.run.checks import check_before_load
+
+    check_before_load(loaded, plan)
     resume_folder = resolve_resume(cfg.saving, Path(str(cfg.training.output_dir)))
     seed = cfg.training.seed
     if seed is None and resume_folder is not None:
@@ -131,6 +134,20 @@ def _data(prepared: Prepared, bundle: ModelBundle, precision_vae: Any) -> Any:
         logger.info("latents: %d encoded, %d reused from the cache", report.encoded, report.reused)
         index = report.index
     workers = 0 if t.cache_latents else min(t.max_data_loader_n_workers, os.cpu_count() or 1)
+    asked = any(
+        prepared.loaded.origin("training", key) != "default"
+        for key in ("max_data_loader_n_workers", "persistent_data_loader_workers")
+    )
+    if (
+        t.cache_latents
+        and asked
+        and (t.max_data_loader_n_workers or t.persistent_data_loader_workers)
+    ):
+        logger.info(
+            "cache_latents: batches come from the latent cache in the main process, so "
+            "max_data_loader_n_workers (%d) / persistent_data_loader_workers are not used",
+            t.max_data_loader_n_workers,
+        )
     data = TrainDataset(
         prepared.plan.datasets,
         prepared.seed,
