@@ -28,28 +28,73 @@ def setup_logging(verbosity: int = 0) -> None:
     logger.addHandler(handler)
     logger.setLevel(level)
     logger.propagate = False
+    quiet_third_party(verbosity > 0)
+
+
+# Libraries whose notices (torchvision hints, deprecation FutureWarnings, optional-kernel
+# messages) are not the user's business unless they ask with -v.
+THIRD_PARTY_LOGGERS = (
+    "transformers",
+    "diffusers",
+    "accelerate",
+    "huggingface_hub",
+    "bitsandbytes",
+    "peft",
+    "torch",
+    "PIL",
+)
+
+
+def quiet_third_party(verbose: bool) -> None:
+    """Hide third-party warnings (Python warnings and library loggers) unless `verbose`.
+
+    transformers/diffusers reset their own logger level when first imported, so their
+    *_VERBOSITY variables are set too (before any heavy import; an explicit value wins).
+    """
+    import os
+    import warnings
+
+    if verbose:
+        warnings.resetwarnings()
+        for name in THIRD_PARTY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.NOTSET)
+        return
+    for variable in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
+        os.environ.setdefault(variable, "error")
+    warnings.filterwarnings("ignore")
+    warnings.filterwarnings("default", module=r"sdtrain(\.|$)")
+    for name in THIRD_PARTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def progress(transient: bool = False) -> Progress:
-    """A rich progress bar (rate, ETA) on stderr; only the final state is printed off a TTY."""
+    """A rich progress bar (count, elapsed, ETA) on stderr; only the final state off a TTY.
+
+    Fits 80 columns: the bar and the time columns have fixed widths and the free-text `info`
+    field takes what is left (cut with "…" when the terminal is narrow), so the times always show.
+    """
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
         Progress,
-        TaskProgressColumn,
         TextColumn,
         TimeElapsedColumn,
         TimeRemainingColumn,
     )
+    from rich.table import Column
 
     return Progress(
         TextColumn("[bold]{task.description}"),
-        BarColumn(),
+        BarColumn(bar_width=12),
         MofNCompleteColumn(),
-        TaskProgressColumn(),
-        TextColumn("{task.fields[info]}"),
+        TextColumn(
+            "{task.fields[info]}",
+            markup=False,
+            table_column=Column(ratio=1, no_wrap=True, overflow="ellipsis", min_width=0),
+        ),
         TimeElapsedColumn(),
-        TimeRemainingColumn(),
+        TimeRemainingColumn(compact=True),
         console=console,
         transient=transient,
+        expand=True,
     )

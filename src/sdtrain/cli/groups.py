@@ -24,5 +24,14 @@ GROUPS: list[tuple[str, str, str]] = [
 
 
 def lazy(module_path: str) -> typer.Typer:
-    """Import a group module and return its Typer app."""
-    return importlib.import_module(module_path).app
+    """Import a group module and return its Typer app, with plain help (see PLAIN_HELP)."""
+    app = importlib.import_module(module_path).app
+    app.rich_markup_mode = PLAIN_HELP
+    return app
+
+
+# Help is click's plain layout, not typer's rich panels: at 80 columns the panels cut option names
+# and defaults with "…", show a `<bool>` metavar on flags, and read `[model]` in a help text as
+# markup (it vanished). The plain layout prints every name whole, wraps only the help text, and
+# is greppable.
+PLAIN_HELP = None

@@ -90,5 +90,6 @@ def _render(outcome: LatentsOutcome) -> None:
     if not outcome.training_reads_it:
         console.print(
             "note: training uses this cache with cache_latents_to_disk = true in [training] "
-            "(and the same latent_cache_dir)"
+            "(and the same latent_cache_dir)",
+            markup=False,
         )

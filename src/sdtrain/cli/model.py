@@ -107,4 +107,4 @@ def convert(
         v_parameterization=v_parameterization,
         overwrite=overwrite,
     )
-    out.print(f"wrote {written}")
+    out.print(f"wrote {written}", markup=False, highlight=False, soft_wrap=True)

@@ -50,25 +50,16 @@ def _where(subset: SubsetPlan) -> str:
 
 
 def _subset_table(plan: DatasetPlan) -> Table:
+    """Counts per subset; folders are listed under the table (long paths fold badly in cells)."""
     table = Table(title="subsets", title_justify="left")
-    for column in (
-        "subset",
-        "folder / metadata",
-        "role",
-        "images",
-        "repeats",
-        "samples",
-        "captions found",
-        "missing",
-    ):
-        table.add_column(column, overflow="fold")
+    for column in ("subset", "role", "images", "repeats", "samples", "captions", "missing"):
+        table.add_column(column, no_wrap=column in ("subset", "role"))
     for subset in plan.subsets:
         images = len(subset.images)
         used = sum(1 for i in subset.images if i.num_repeats > 0)
         samples = f"{subset.num_samples}" + (f" ({images - used} unused)" if used < images else "")
         table.add_row(
-            subset.label,
-            escape(_where(subset)),
+            subset.label.split(".")[-1],
             "reg" if subset.is_reg else "train",
             str(images),
             str(subset.num_repeats),
@@ -79,9 +70,15 @@ def _subset_table(plan: DatasetPlan) -> Table:
     return table
 
 
+def _subset_folders(console: Console, plan: DatasetPlan) -> None:
+    for subset in plan.subsets:
+        label = subset.label.split(".")[-1]
+        console.print(f"  {label}: {_where(subset)}", markup=False, highlight=False, soft_wrap=True)
+
+
 def _origins_table(plan: DatasetPlan, verbose: bool) -> Table:
     table = Table(title="effective values (value <- origin)", title_justify="left")
-    table.add_column("key")
+    table.add_column("key", no_wrap=True)
     table.add_column(f"datasets[{plan.index}]", overflow="fold")
     for subset in plan.subsets:
         table.add_column(subset.label.split(".")[-1], overflow="fold")
@@ -151,6 +148,7 @@ def render_dataset(console: Console, plan: DatasetPlan, verbose: bool) -> None:
     console.print(f"samples per epoch: {plan.num_train_images} train + {plan.num_reg_images} reg")
     if plan.subsets:
         console.print(_subset_table(plan))
+        _subset_folders(console, plan)
         console.print(_origins_table(plan, verbose))
     line = _reg_line(plan)
     if line:
