@@ -25,9 +25,10 @@ def info(step: int = 0) -> StepInfo:
 
 
 class FakeBatch:
-    def __init__(self, captions: list[str], is_reg: list[bool]):
+    def __init__(self, captions: list[str], is_reg: list[bool], network_multiplier: float = 1.0):
         self.captions = captions
         self.is_reg = torch.tensor(is_reg)
+        self.network_multiplier = network_multiplier
 
 
 def step(m: LoraMethod, bundle, groups) -> float:
@@ -283,3 +284,31 @@ def test_network_weights_and_dim_from_weights(tmp_path):
     )
     m.prepare(Again)
     assert all(torch.equal(m.trainable_state()[k], want[k]) for k in want)
+
+
+def test_network_multiplier_scales_the_lora_output_per_batch(tiny_bundle):
+    """A dataset's network_multiplier scales the adapter's delta for its batches; sampling
+    uses weight 1; what is saved (alpha) never changes."""
+    m = method()
+    groups = m.prepare(tiny_bundle)
+    for group in groups:  # make the LoRA do something (up weights start at zero)
+        for p in group.params:
+            torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([500])
+
+    def unet_out(multiplier: float) -> torch.Tensor:
+        with torch.no_grad():
+            cond = m.condition(tiny_bundle, FakeBatch(["a cat"], [False], multiplier), info())
+            return tiny_bundle.unet(x, t, cond.hidden_states).sample
+
+    alphas = [mod.alpha for mod in m.network.modules]
+    base, one, two = unet_out(0.0), unet_out(1.0), unet_out(2.0)
+    assert not torch.allclose(base, one)
+    # text-encoder and U-Net deltas both scale, so the output is not exactly linear in the
+    # multiplier; the direction and growth are what matter
+    assert (two - base).norm() > 1.5 * (one - base).norm()
+    assert [mod.alpha for mod in m.network.modules] == alphas
+    with m.sampling(tiny_bundle):
+        assert m.network.multiplier == 1.0
+    assert m.network.multiplier == 2.0

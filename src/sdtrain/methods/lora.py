@@ -151,7 +151,12 @@ class LoraMethod:
         return self._trains_te
 
     def condition(self, bundle: ModelBundle, batch: Batch, step: StepInfo) -> Conditioning:
-        """(B, 75n+2, D) text conditioning; no autograd graph when the text encoder is frozen."""
+        """(B, 75n+2, D) text conditioning; no autograd graph when the text encoder is frozen.
+
+        Also sets the LoRA multiplier to the batch's dataset `network_multiplier` (a batch comes
+        from one dataset, so one multiplier applies to all its samples) for this micro-step.
+        """
+        self._net().set_multiplier(batch.network_multiplier)
         if self._text_cache is not None:
             return Conditioning(self._text_cache(batch.captions))
         return Conditioning(self.text.encode(bundle, batch.captions, grad=self._trains_te))
@@ -211,8 +216,11 @@ class LoraMethod:
         """The live adapters sample as trained; their dropouts are off inside the context."""
         network = self._net()
         was_training = network.is_training()
+        multiplier = network.multiplier
         network.train(False)
+        network.set_multiplier(1.0)  # samples show the LoRA as saved (weight 1)
         try:
             yield
         finally:
             network.train(was_training)
+            network.set_multiplier(multiplier)

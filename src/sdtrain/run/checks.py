@@ -351,6 +351,18 @@ def _plan_checks(loaded: LoadedConfig, plan: Plan, where: _Where) -> list[Proble
                     "turn cache_latents off, or remove color_aug / random_crop from that subset",
                 )
             )
+    for dataset in plan.datasets:
+        for subset in dataset.subsets:
+            if subset.params.get("custom_attributes"):
+                origin = subset.origins.get("custom_attributes", "")
+                problems.append(
+                    Problem(
+                        key=f"{subset.label}.custom_attributes",
+                        message="custom_attributes is not used by any sdtrain method "
+                        f"(set in {origin}); refusing rather than ignoring it",
+                        hint="remove custom_attributes from the blueprint",
+                    )
+                )
     return problems
 
 

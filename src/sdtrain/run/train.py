@@ -77,6 +77,7 @@ def prepare(loaded: LoadedConfig, command: str, write_caches: bool = False) -> P
     from sdtrain.run.checks import check_before_load
 
     check_before_load(loaded, plan)
+    plan.require_valid()  # invalid images / nothing to train: the dry run says so too
     resume_folder = resolve_resume(cfg.saving, Path(str(cfg.training.output_dir)))
     seed = cfg.training.seed
     if seed is None and resume_folder is not None:

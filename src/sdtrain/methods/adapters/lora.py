@@ -122,6 +122,16 @@ class LoraNetwork:
         self.configs = configs
         self.adapter = adapter
         self._hooks: list[Any] = []
+        self.multiplier = 1.0
+
+    def set_multiplier(self, multiplier: float) -> None:
+        """Scale every module's output by `multiplier` (the reference's network multiplier):
+        peft's live scaling becomes multiplier * alpha / rank; the saved alpha stays."""
+        if multiplier == self.multiplier:
+            return
+        for module in self.modules:
+            module.set_alpha(module.alpha, multiplier)
+        self.multiplier = multiplier
 
     @classmethod
     def create(
