@@ -153,6 +153,13 @@ def render_dataset(console: Console, plan: DatasetPlan, verbose: bool) -> None:
     line = _reg_line(plan)
     if line:
         console.print(line)
+    if plan.validation:
+        console.print(
+            f"validation: {plan.num_validation_images} image(s) held out "
+            f"(validation_split {plan.params.get('validation_split')}, seed "
+            f"{plan.validation_seed}); they never train",
+            markup=False,
+        )
     if plan.buckets:
         console.print(_bucket_table(plan))
     for reason in plan.skipped:

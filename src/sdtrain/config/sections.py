@@ -227,6 +227,17 @@ class TrainingSection(Section):
     max_nonfinite_steps: int = Field(
         5, ge=1, description="stop after this many consecutive NaN/inf steps (each is skipped)"
     )
+    validate_every_n_steps: int | None = Field(
+        None, ge=1, description="validation loss every N steps (needs validation_split)"
+    )
+    validate_every_n_epochs: int | None = Field(
+        None,
+        ge=1,
+        description="validation loss every N epochs (default: every epoch with validation_split)",
+    )
+    max_validation_steps: int | None = Field(
+        None, ge=1, description="validation batches per evaluation (default: all)"
+    )
 
     @model_validator(mode="after")
     def _cross_checks(self) -> TrainingSection:

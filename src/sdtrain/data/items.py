@@ -82,6 +82,14 @@ class DatasetPlan:
     skipped: list[str] = field(default_factory=list)  # why subsets were left out
     warnings: list[str] = field(default_factory=list)
     num_reg_images_requested: int = 0  # reg samples before balancing (reference "num reg images")
+    # held-out images (validation_split): one SubsetPlan per training subset they came from
+    validation: list[SubsetPlan] = field(default_factory=list)
+    validation_seed: int | None = None  # the seed the split was drawn with
+
+    @property
+    def num_validation_images(self) -> int:
+        """Images held out for the validation loss (they never train)."""
+        return sum(len(s.images) for s in self.validation)
 
     @property
     def batch_size(self) -> int:

@@ -27,6 +27,7 @@ from sdtrain.data.collect import Collected, SubsetSkipped, collect_dreambooth, c
 from sdtrain.data.items import BucketStat, DatasetPlan, InvalidImage, Size, SubsetPlan
 from sdtrain.data.metadata import FolderIndex
 from sdtrain.data.steps import StepPlan, plan_steps
+from sdtrain.data.validation_split import split_validation
 from sdtrain.errors import ConfigError, DataError, Problem
 
 if TYPE_CHECKING:
@@ -46,6 +47,7 @@ class StepSettings:
     max_train_epochs: int | None = None
     gradient_accumulation_steps: int = 1
     num_processes: int = 1
+    seed: int | None = None  # the run's seed: the validation split's default seed
 
     @classmethod
     def from_section(cls, training: TrainingSection, num_processes: int = 1) -> StepSettings:
@@ -55,6 +57,7 @@ class StepSettings:
             training.max_train_epochs,
             training.gradient_accumulation_steps,
             num_processes,
+            training.seed,
         )
 
 
@@ -261,7 +264,8 @@ def _assign_buckets(ds: ResolvedDataset, plan: DatasetPlan) -> None:
     no_upscale = bool(ds.values["enable_bucket"] and ds.values["bucket_no_upscale"])
     choices: dict[Size, BucketChoice] = {}
     samples: dict[Size, int] = {}
-    for subset in plan.subsets:
+    held_out = {id(s) for s in plan.validation}
+    for subset in [*plan.subsets, *plan.validation]:
         kept = []
         for image in subset.images:
             size = image.original_size
@@ -280,8 +284,10 @@ def _assign_buckets(ds: ResolvedDataset, plan: DatasetPlan) -> None:
             image.bucket, image.resized_size = choice.bucket, choice.resized
             image.ar_error = choice.ar_error
             image.crop_ltrb = crop_ltrb(size, choice.bucket)
-            samples[choice.bucket] = samples.get(choice.bucket, 0) + image.num_repeats
             kept.append(image)
+            if id(subset) in held_out:
+                continue  # held out: bucketed for the validation loss, never a training sample
+            samples[choice.bucket] = samples.get(choice.bucket, 0) + image.num_repeats
         subset.images = kept
     batch = plan.batch_size
     plan.buckets = [
@@ -292,9 +298,14 @@ def _assign_buckets(ds: ResolvedDataset, plan: DatasetPlan) -> None:
 
 
 def plan_dataset(
-    ds: ResolvedDataset, index: FolderIndex | None = None, write_caches: bool = False
+    ds: ResolvedDataset,
+    index: FolderIndex | None = None,
+    write_caches: bool = False,
+    seed: int | None = None,
 ) -> DatasetPlan:
-    """Resolve one dataset: collect subsets, balance reg images, assign buckets, count batches."""
+    """Resolve one dataset: collect subsets, hold out the validation split, balance reg images,
+    assign buckets, count batches. `seed`: the validation split's seed when the dataset has no
+    validation_seed."""
     values = dict(ds.values)
     plan = DatasetPlan(
         index=ds.index,
@@ -304,6 +315,7 @@ def plan_dataset(
     )
     plan.bucket_resolutions, plan.warnings = _bucket_setup(ds)
     _collect_subsets(ds, plan, index or FolderIndex(), write_caches)
+    split_validation(plan, seed)
     if ds.kind == "dreambooth":
         _balance(plan)
     _assign_buckets(ds, plan)
@@ -324,7 +336,7 @@ def build_plan(
     is the gate training passes through. `write_caches` writes `cache_info` size caches.
     """
     index = FolderIndex()
-    plans = [plan_dataset(ds, index, write_caches) for ds in datasets]
+    plans = [plan_dataset(ds, index, write_caches, facts.seed) for ds in datasets]
     warnings = []
     for plan in plans:
         warnings += [f"{entry}; subset skipped" for entry in plan.skipped] + plan.warnings

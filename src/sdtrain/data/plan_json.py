@@ -77,6 +77,9 @@ def dataset_document(plan: DatasetPlan) -> dict[str, Any]:
         "origins": dict(plan.origins),
         "subsets": [subset_document(s) for s in plan.subsets],
         "invalid_images": [{"path": str(b.path), "reason": b.reason} for b in plan.invalid],
+        "validation_split": params.get("validation_split") or 0.0,
+        "validation_seed": plan.validation_seed,
+        "validation_images": [image_document(i) for s in plan.validation for i in s.images],
         "skipped_subsets": list(plan.skipped),
         "warnings": list(plan.warnings),
     }

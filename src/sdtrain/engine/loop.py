@@ -66,6 +66,8 @@ class Hooks:
 
     sample: Callable[[str, int, int], None] | None = None
     save_metadata: Callable[[int, int], dict[str, str]] | None = None
+    # (step context, "step"|"epoch", epoch, step, files saved at this event) -> metrics record
+    validate: Callable[[Any, str, int, int, list[Path]], dict[str, Any] | None] | None = None
 
 
 @dataclass
@@ -342,7 +344,9 @@ class Trainer:
                             ),
                         )
                         window_losses, window_paths, window_bad = [], [], False
+                        before = set(self.outputs)
                         self._after_step_events(counters)
+                        self._validate(metrics, "step", counters, before)
                         if stop.requested:
                             self._interrupt(counters, stop.requested)
                         if counters.global_step >= steps.total_steps:
@@ -352,16 +356,31 @@ class Trainer:
                         and counters.position < steps.batches_per_epoch
                     ):
                         break
+                    before = set(self.outputs)
                     self._end_epoch(counters)
+                    self._validate(metrics, "epoch", counters, before)
                     if stop.requested:
                         self._interrupt(counters, stop.requested)
                 final = naming.final_stem(self.output_name)
+                before = set(self.outputs)
                 self._save(final, counters, with_state=self.saves.final_state, final=True)
+                self._validate(metrics, "final", counters, before)
                 if self.hooks.sample:
                     self.hooks.sample("final", counters.epoch, counters.global_step)
         finally:
             metrics.close()
         return TrainResult(counters.global_step, counters.epoch, list(self.outputs), last_loss)
+
+    def _validate(self, metrics: Any, kind: str, counters: Counters, before: set[Path]) -> None:
+        """The validation hook after a step / epoch event (after its saves, so it can point
+        at the files of the same weights)."""
+        if self.hooks.validate is None:
+            return
+        epoch = counters.epoch - 1 if kind == "epoch" else counters.epoch
+        saved = [p for p in self.outputs if p not in before]
+        record = self.hooks.validate(self.ctx, kind, epoch, counters.global_step, saved)
+        if record is not None:
+            metrics.write(record)
 
     def _retire(self, kind: str, value: int) -> None:
         for path in self.saves.retire(kind, value):

@@ -54,19 +54,27 @@ def encode_latents(ctx: StepContext, batch: Batch, generator: torch.Generator) -
 
 
 def micro_step_loss(
-    ctx: StepContext, batch: Batch, generator: torch.Generator, step: StepInfo
+    ctx: StepContext,
+    batch: Batch,
+    generator: torch.Generator,
+    step: StepInfo,
+    timestep: int | None = None,
 ) -> torch.Tensor:
     """The recipe loss of one micro-batch (a 0-d fp32 tensor with a graph to the trainables).
 
     `generator` drives the engine's draws (noise, timesteps, VAE sampling); `step` is what the
-    method's hooks see (its own generator)."""
+    method's hooks see (its own generator). `timestep` fixes every sample's timestep (the
+    validation loss); None draws them."""
     import torch
 
     from sdtrain.engine.precision import input_casts_off
 
     latents = encode_latents(ctx, batch, generator)
     noise = ctx.noise.sample_noise(latents, generator)
-    timesteps = ctx.noise.sample_timesteps(latents.shape[0], generator).to(ctx.device)
+    if timestep is None:
+        timesteps = ctx.noise.sample_timesteps(latents.shape[0], generator).to(ctx.device)
+    else:
+        timesteps = torch.full((latents.shape[0],), timestep, dtype=torch.long, device=ctx.device)
     noisy = ctx.noise.noisy_latents(latents, noise, timesteps, generator)
     target = ctx.noise.target(latents, noise, timesteps)
     weights = ctx.method.loss_weights(batch)

@@ -351,6 +351,16 @@ def _plan_checks(loaded: LoadedConfig, plan: Plan, where: _Where) -> list[Proble
                     "turn cache_latents off, or remove color_aug / random_crop from that subset",
                 )
             )
+    if not any(d.validation for d in plan.datasets):
+        for key in ("validate_every_n_steps", "validate_every_n_epochs", "max_validation_steps"):
+            if getattr(cfg.training, key) is not None:
+                problems.append(
+                    where.problem(
+                        f"training.{key}",
+                        f"{key} is set but no dataset holds out images to validate on",
+                        "set validation_split (e.g. 0.1) in [dataset] or a [[datasets]] table",
+                    )
+                )
     for dataset in plan.datasets:
         for subset in dataset.subsets:
             if subset.params.get("custom_attributes"):

@@ -147,6 +147,11 @@ def collect_facts(
         max_timestep=t.max_timestep,
         num_train_images=sum(d.num_train_images for d in plan.datasets),
         num_reg_images=sum(d.num_reg_images for d in plan.datasets),
+        num_validation_images=sum(d.num_validation_images for d in plan.datasets),
+        validation_seed=next((d.validation_seed for d in plan.datasets if d.validation), None),
+        validation_split=next(
+            (float(d.params["validation_split"]) for d in plan.datasets if d.validation), None
+        ),
         caption_dropout_rate=config.dataset.caption_dropout_rate,
         caption_dropout_every_n_epochs=config.dataset.caption_dropout_every_n_epochs,
         caption_tag_dropout_rate=config.dataset.caption_tag_dropout_rate,

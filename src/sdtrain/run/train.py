@@ -239,6 +239,7 @@ def _execute(prepared: Prepared, resume_hint: str) -> TrainResult:
             )
         return training_metadata(holder["facts"], step, epoch)
 
+    validator = _validator(prepared, output_dir, state)
     sections = EngineSections(cfg.training, cfg.optimizer, cfg.saving, cfg.logging)
     trainer = Trainer(
         method,
@@ -250,13 +251,25 @@ def _execute(prepared: Prepared, resume_hint: str) -> TrainResult:
         cfg.training.output_name,
         prepared.seed,
         state_config,
-        Hooks(sample=sampler, save_metadata=metadata),
+        Hooks(sample=sampler, save_metadata=metadata, validate=validator),
         resume=state,
         resume_hint=resume_hint,
         no_half_vae=cfg.model.no_half_vae,
         trackers=trackers,
     )
     return trainer.run()
+
+
+def _validator(prepared: Prepared, output_dir: Path, state: Any) -> Any:
+    """The validation hook when a dataset holds out a split (validation_split), else None."""
+    if not any(d.validation for d in prepared.plan.datasets):
+        return None
+    from sdtrain.engine.validation import Validator
+
+    resumed = state.counters.global_step if state is not None else None
+    return Validator(
+        prepared.plan.datasets, prepared.seed, prepared.loaded.config.training, output_dir, resumed
+    )
 
 
 def _from_blueprint(cfg: Any) -> bool:
