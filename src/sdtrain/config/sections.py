@@ -313,6 +313,10 @@ class SavingSection(Section):
         default_factory=list,
         description='config keys (table.key, or "*") allowed to differ from the resumed state',
     )
+    metadata_full_paths: bool = Field(
+        False,
+        description="keep absolute local paths in saved files' metadata (default: base names)",
+    )
     metadata_title: str | None = Field(None, description="modelspec.title (default output_name)")
     metadata_author: str | None = Field(None, description="modelspec.author")
     metadata_description: str | None = Field(None, description="modelspec.description")

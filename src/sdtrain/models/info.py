@@ -120,6 +120,68 @@ def inspect_model(spec: str, *, hashes: bool = True) -> ModelInfo:
     return info
 
 
+def _dominant(counts: dict[str, int]) -> str | None:
+    floats = {
+        k: v
+        for k, v in counts.items()
+        if k in ("float16", "bfloat16", "float32", "F16", "BF16", "F32")
+    }
+    return max(floats, key=lambda k: floats[k]) if floats else None
+
+
+_DTYPE_NAMES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}
+
+
+def source_dtypes(spec: str) -> tuple[str, str] | None:
+    """(U-Net dtype, VAE dtype) names as stored in `spec` (headers only), or None if unknown.
+
+    Single files count their tensors per component; diffusers folders (and builtins) read the
+    headers of their unet/ and vae/ safetensors files.
+    """
+    from sdtrain.models.checkpoint_file import CheckpointFile
+    from sdtrain.models.load import source_kind
+
+    kind = source_kind(spec)
+    found: dict[str, str | None] = {}
+    if kind == "single_file":
+        reader = CheckpointFile(Path(spec).expanduser())
+        shapes_dtypes: dict[str, dict[str, int]] = {"unet": {}, "vae": {}}
+        keys = reader.keys()
+        for key in keys:
+            for name in ("unet", "vae"):
+                if key.startswith(COMPONENT_PREFIXES[name]):
+                    dtype = _tensor_dtype(reader, key)
+                    shapes_dtypes[name][dtype] = shapes_dtypes[name].get(dtype, 0) + 1
+        found = {name: _dominant(counts) for name, counts in shapes_dtypes.items()}
+    else:
+        folder = _model_folder(spec, kind)
+        for name in ("unet", "vae"):
+            files = sorted((folder / name).glob("*.safetensors")) if folder else []
+            found[name] = _dominant(CheckpointFile(files[0]).dtype_counts()) if files else None
+    unet, vae = found.get("unet"), found.get("vae")
+    if unet is None:
+        return None
+    return _DTYPE_NAMES.get(unet, unet), _DTYPE_NAMES.get(vae or unet, vae or unet)
+
+
+def _tensor_dtype(reader: object, key: str) -> str:
+    safe = getattr(reader, "_safe", None)
+    if safe is not None:
+        return str(safe.get_slice(key).get_dtype())
+    return str(reader._tensors[key].dtype).removeprefix("torch.")  # type: ignore[attr-defined]
+
+
+def _model_folder(spec: str, kind: str) -> Path | None:
+    if kind == "builtin":
+        from sdtrain.models.builtin import asset_folder, get_builtin
+
+        folder = get_builtin(spec).folder
+        return asset_folder(folder) if folder else None
+    if kind == "diffusers":
+        return Path(spec).expanduser()
+    return None
+
+
 def convert_model(
     src: str,
     dst: Path,
@@ -130,7 +192,13 @@ def convert_model(
     v_parameterization: bool | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Load `src` (any spec) and write it as an LDM single file or a diffusers folder."""
+    """Load `src` (any spec) and write it as an LDM single file or a diffusers folder.
+
+    Without `precision` the weights keep the source's dtypes (an fp16 file stays fp16; a VAE
+    stored in fp32 beside an fp16 U-Net stays fp32): the model loads in them, nothing upcasts.
+    """
+    import torch
+
     from sdtrain.config.sections import ModelSection
     from sdtrain.models.load import load_bundle
     from sdtrain.models.save import SINGLE_FILE_SUFFIXES, save_diffusers, save_single_file
@@ -145,7 +213,13 @@ def convert_model(
     section = ModelSection(
         pretrained_model_name_or_path=src, v2=v2, v_parameterization=v_parameterization
     )
-    bundle = load_bundle(section)
+    dtype = torch.float32
+    if precision is None:
+        stored = source_dtypes(src)
+        if stored is not None:
+            dtype = getattr(torch, stored[0])
+            section.no_half_vae = stored[1] == "float32"
+    bundle = load_bundle(section, dtype=dtype)
     if to == "ldm":
         return save_single_file(bundle, dst, precision=precision, overwrite=overwrite)
     return save_diffusers(bundle, dst, precision=precision, overwrite=overwrite)

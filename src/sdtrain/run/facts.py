@@ -93,6 +93,8 @@ def collect_facts(
     assert steps is not None
     source = bundle.source
     model_name = source.spec
+    if not config.saving.metadata_full_paths and os.path.isabs(str(model_name)):
+        model_name = os.path.basename(str(model_name).rstrip("/"))
     model_hash = new_hash = None
     if source.kind == "single_file" and source.path and os.path.isfile(source.path):
         model_name = os.path.basename(source.path)

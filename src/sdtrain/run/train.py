@@ -175,7 +175,7 @@ def _execute(prepared: Prepared, resume_hint: str) -> TrainResult:
     import torch
 
     from sdtrain.atomic import write_text
-    from sdtrain.config.resolved import resolved_dict, resolved_toml
+    from sdtrain.config.resolved import resolved_dict, resolved_toml, shareable_toml
     from sdtrain.engine.loop import EngineSections, Hooks, Trainer
     from sdtrain.engine.metrics import Trackers
     from sdtrain.engine.precision import precision_for
@@ -234,7 +234,7 @@ def _execute(prepared: Prepared, resume_hint: str) -> TrainResult:
                 prepared.plan,
                 bundle,
                 trainer.built.description,
-                text,
+                shareable_toml(cfg, cfg.saving.metadata_full_paths),
                 from_blueprint=_from_blueprint(cfg),
             )
         return training_metadata(holder["facts"], step, epoch)
