@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from sdtrain.config.run import COMMAND_SCHEMAS
 from sdtrain.config.schema_index import index_schema
+from sdtrain.methods.registry import command_schema
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = ROOT / "configs" / "examples" / "quickstart.toml"
@@ -39,7 +39,7 @@ def test_help_config_keeps_every_key_and_table_whole_at_80_columns():
     assert "…" not in text
     for table in ("[model]", "[dataset]", "[training]", "[optimizer]", "[network]", "[logging]"):
         assert table in lines, table
-    for name, info in index_schema(COMMAND_SCHEMAS["lora"]).items():
+    for name, info in index_schema(command_schema("lora").model).items():
         assert f"  {name}  [{info.table}]  " in text, name  # one greppable line per key
 
 
