@@ -19,6 +19,7 @@ GROUPS: list[tuple[str, str, str]] = [
     ("latents", "sdtrain.cli.latents", "Pre-encode training latents (VAE) to disk."),
     ("generate", "sdtrain.cli.generate", "Generate images from a model, LoRAs and embeddings."),
     ("model", "sdtrain.cli.model", "Inspect and convert model files."),
+    ("config", "sdtrain.cli.config_import", "Read configs users already have (import)."),
     ("train", "sdtrain.cli.train", "Train a model (" + ", ".join(METHODS) + ")."),
 ]
 

@@ -20,6 +20,7 @@ from sdtrain.config.blueprint import (
 )
 from sdtrain.config.json_lines import locate_json_keys
 from sdtrain.config.legacy import OriginOf, legacy_blueprint
+from sdtrain.config.methods import train_command_exists
 from sdtrain.config.problems import dotted, problems_from_validation
 from sdtrain.config.schema_index import suggest
 from sdtrain.config.sections import DatasetSection
@@ -192,7 +193,8 @@ def _pick_kind(check: _Checker, subsets: list[dict[str, Any]], loc: KeyPath) -> 
             check.add(
                 (*loc, "subsets", i, "metadata_file"),
                 f"`{support.title}` cannot train fine-tune subsets (with metadata_file)",
-                hint="use image_dir with caption files, or `sdtrain train finetune`",
+                hint="use image_dir with caption files"
+                + (", or `sdtrain train finetune`" if train_command_exists("finetune") else ""),
                 value=subsets[i]["metadata_file"],
                 has_value=True,
             )

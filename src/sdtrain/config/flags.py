@@ -107,15 +107,23 @@ def parse_flags(args: list[str], keys: dict[str, KeyInfo]) -> FlagValues:
             name, negated = name[3:], True
         info = keys.get(name)
         if info is None:
+            from sdtrain.config.import_args import REFERENCE_FLAG_HINTS
+
             close = suggest(name, keys)
+            reference = REFERENCE_FLAG_HINTS.get(name)
             result.problems.append(
                 Problem(
                     key=name,
-                    message=f"unknown option --{name}",
+                    message=f"--{name} (a reference option) is not an sdtrain option"
+                    if reference
+                    else f"unknown option --{name}",
                     file=CLI,
-                    hint=f"did you mean --{close}?"
-                    if close
-                    else "run with --help-config to list every key",
+                    hint=reference
+                    or (
+                        f"did you mean --{close}?"
+                        if close
+                        else "run with --help-config to list every key"
+                    ),
                 )
             )
             if (

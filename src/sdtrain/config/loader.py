@@ -11,7 +11,7 @@ from pydantic import BaseModel, ValidationError
 
 from sdtrain.config.base import PATH_KEYWORDS
 from sdtrain.config.flags import CLI, parse_flags
-from sdtrain.config.methods import METHOD_TABLES
+from sdtrain.config.methods import METHOD_TABLES, train_command_exists
 from sdtrain.config.problems import problems_from_validation
 from sdtrain.config.run import CommandSchema, RunConfig
 from sdtrain.config.schema_index import index_schema, suggest, table_names
@@ -82,7 +82,9 @@ def _top_level_problems(
                     line=line,
                     message=f"the [{name}] table belongs to `sdtrain train {owner}`, "
                     f"not to `{title}`",
-                    hint=f"remove the table, or run `sdtrain train {owner}`",
+                    hint=f"remove the table, or run `sdtrain train {owner}`"
+                    if train_command_exists(owner)
+                    else f"remove the table (`sdtrain train {owner}` is not available yet)",
                 )
             )
         elif name in keys:
@@ -122,9 +124,12 @@ def load_run_config(
 
     Raises ConfigError listing every problem at once (flags, file and cross-field rules together).
     """
+    from sdtrain.config.import_args import load_argument_toml, split_config_file
+
     schema = command.model
+    args, config_file, problems = split_config_file(args)
     parsed = parse_flags(args, index_schema(schema))
-    problems = list(parsed.problems)
+    problems.extend(parsed.problems)
     if len(parsed.positionals) > 1:
         extra = " ".join(parsed.positionals[1:])
         problems.append(
@@ -135,16 +140,21 @@ def load_run_config(
                 hint="give one config file; options are written --key value",
             )
         )
-    if require_file and not parsed.positionals:
+    if require_file and not (parsed.positionals or parsed.values or config_file or problems):
         raise ConfigError(
-            [Problem(key="", file=CLI, message="no config file given")],
-            hint=f"usage: {command.title} RUN.toml [--key value ...]",
+            [Problem(key="", file=CLI, message="no config file and no options given")],
+            hint=f"usage: {command.title} RUN.toml [--key value ...], or flags alone "
+            "(--train_data_dir DIR --resolution 512 ...), or --config_file ARGS.toml",
         )
     path = Path(parsed.positionals[0]) if parsed.positionals else None
-    doc = read_config_file(path) if path is not None else None
+    if config_file is not None:
+        doc = load_argument_toml(config_file, schema, parsed.positionals)
+        path = doc.path
+    else:
+        doc = read_config_file(path) if path is not None else None
     raw: dict[str, Any] = copy.deepcopy(doc.data) if doc else {}
     problems.extend(_top_level_problems(raw, schema, command.title, doc))
-    if doc:
+    if doc and config_file is None:  # argument TOMLs resolve their paths when imported
         _resolve_paths(raw, schema, doc.path.parent)
     cli_keys: set[str] = set()
     for table, values in parsed.values.items():

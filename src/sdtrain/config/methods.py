@@ -104,3 +104,13 @@ METHOD_TABLES: dict[str, str] = {
     "finetune": "finetune",
     "textual_inversion": "ti",
 }
+
+
+def train_command_exists(method: str) -> bool:
+    """True when `sdtrain train <method>` is registered, so hints never name a missing command.
+
+    Reads the registry's names only (sdtrain.methods.registry imports nothing heavy).
+    """
+    from sdtrain.methods.registry import METHODS
+
+    return method in METHODS
