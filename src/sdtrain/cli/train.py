@@ -29,7 +29,12 @@ def _run(ctx: typer.Context, command: str, dry_run: bool, help_config: bool) -> 
 
     loaded = load_run_config(list(ctx.args), METHODS[command].command, require_file=True)
     prepared = prepare(loaded, command, write_caches=not dry_run)
-    render_plan(console, prepared.plan)
+    if dry_run:
+        render_plan(console, prepared.plan)
+    else:
+        from sdtrain.cli.summary import print_summary
+
+        print_summary(console, prepared.plan, str(loaded.config.training.output_dir))
     if dry_run:
         from rich.syntax import Syntax
 
@@ -44,7 +49,7 @@ def _run(ctx: typer.Context, command: str, dry_run: bool, help_config: bool) -> 
     result = execute(prepared, resume_hint=_without_resume(hint))
     console.print(f"[green]done:[/green] {result.global_step} optimizer steps")
     for path in result.outputs:
-        console.print(f"  wrote {path}")
+        console.print(f"  wrote {path}", markup=False, highlight=False, soft_wrap=True)
 
 
 def _without_resume(command: str) -> str:
