@@ -42,13 +42,17 @@ def info(
     if as_json:
         out.print_json(json.dumps(found.to_dict()))
         return
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=found.spec, show_header=False)
+    table = Table(title=escape(found.spec), show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value", overflow="fold")
     table.add_row("kind", found.kind)
     table.add_row("family", found.family or "unknown")
+    for key, value in found.describes.items():
+        if key not in ("kind", "base family"):
+            table.add_row(key, escape(str(value)))
     if found.prediction_type:
         table.add_row("prediction type", f"{found.prediction_type} ({found.prediction_source})")
     table.add_row("dtypes", ", ".join(f"{k}: {v}" for k, v in sorted(found.dtypes.items())))
@@ -68,7 +72,7 @@ def info(
             table.add_row(label, value)
     for key, value in sorted(found.metadata.items()):
         shown = value if len(value) <= 200 else value[:200] + f"... ({len(value)} chars)"
-        table.add_row(f"metadata: {key}", shown)
+        table.add_row(f"metadata: {escape(key)}", escape(shown))
     table.add_row("loads", ("yes: " if found.loads else "no: ") + found.load_message)
     out.print(table)
 

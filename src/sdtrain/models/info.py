@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from sdtrain.errors import ModelLoadError, SdtrainError
 
@@ -34,6 +35,8 @@ class ModelInfo:
     metadata: dict[str, str] = field(default_factory=dict)
     loads: bool = False
     load_message: str = ""
+    # a file that is not a base model (LoRA, embedding, training state): what it is
+    describes: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         """JSON-ready dict."""
@@ -56,6 +59,13 @@ def _count(shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, int], int]:
     return counts, other
 
 
+def _numel(shape: tuple[int, ...]) -> int:
+    size = 1
+    for dim in shape:
+        size *= dim
+    return size
+
+
 def inspect_single_file(path: Path, *, hashes: bool = True) -> ModelInfo:
     """Header-level facts of a single file plus a layout check (no weights are allocated)."""
     from sdtrain.models import hashes as hashing
@@ -76,6 +86,16 @@ def inspect_single_file(path: Path, *, hashes: bool = True) -> ModelInfo:
     info.parameters, info.other_tensors = _count(reader.shapes())
     info.family = family_from_keys(set(reader.keys()))
     if info.family is None:
+        from sdtrain.models.file_kinds import describe_file
+
+        described = describe_file(path, reader.shapes(), info.metadata)
+        if described is not None:
+            info.describes = described
+            info.kind = str(described["kind"])
+            info.family = described.get("base family")
+            info.parameters = {"total": sum(_numel(s) for s in reader.shapes().values())}
+            info.load_message = "not a base model; see `kind`"
+            return info
         info.load_message = "no text encoder weights: not a full SD 1.x/2.x checkpoint"
         return info
     prediction, why = detect_prediction(None, reader, info.family)
@@ -93,8 +113,14 @@ def inspect_single_file(path: Path, *, hashes: bool = True) -> ModelInfo:
 def inspect_model(spec: str, *, hashes: bool = True) -> ModelInfo:
     """ModelInfo for any model spec. Folders, hub ids and builtins are loaded to be checked."""
     from sdtrain.config.sections import ModelSection
+    from sdtrain.models.file_kinds import describe_state
     from sdtrain.models.load import load_bundle, source_kind
 
+    state = describe_state(Path(spec).expanduser())
+    if state is not None:
+        info = ModelInfo(spec=spec, kind=str(state["kind"]), describes=state)
+        info.load_message = "not a base model; resume a run with it"
+        return info
     kind = source_kind(spec)
     if kind == "single_file":
         return inspect_single_file(Path(spec).expanduser(), hashes=hashes)
