@@ -30,7 +30,7 @@ def help_config_lines(schema: type[BaseModel], command: str, width: int = 80) ->
     """The listing: a heading per table, then `key  [table]  type = default` and the meaning."""
     from sdtrain.config.schema_index import index_schema
 
-    yield f"configuration keys of `{command}` (in the run TOML, or --key value as a flag)"
+    yield f"configuration keys ({command}): in the run TOML, or as --key value flags"
     table = None
     for name, info in index_schema(schema).items():
         if info.table != table:
