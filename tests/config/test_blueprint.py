@@ -215,10 +215,14 @@ def test_command_support_limits_kinds_and_dropout(tmp_path):
         " `sdtrain train ti` (got 0.1) | remove it (caption dropout does not apply to this method)"
     ]
     ft = '[[datasets]]\n  [[datasets.subsets]]\n  metadata_file = "m.json"\n'
+    from sdtrain.config.methods import train_command_exists
+
+    # the hint names `sdtrain train finetune` only once that command exists
+    finetune = ", or `sdtrain train finetune`" if train_command_exists("finetune") else ""
     assert problems_of(tmp_path, ft, "dreambooth") == [
         "bp.toml:3  datasets[0].subsets[0].metadata_file: `sdtrain train dreambooth` cannot train"
         " fine-tune subsets (with metadata_file) (got 'm.json') | use image_dir with caption"
-        " files, or `sdtrain train finetune`"
+        " files" + finetune
     ]
     general_db = '[general]\nclass_tokens = "x"\n' + ft
     assert problems_of(tmp_path, general_db, "finetune")[0].startswith(
