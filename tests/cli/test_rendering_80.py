@@ -57,10 +57,15 @@ def test_help_config_keeps_every_key_and_table_whole_at_80_columns():
         ),
         (("model", "convert", "--help"), ["--v-parameterization, --v_parameterization"]),
         (("--help",), ["--verbose", "--quiet"]),
+        (("train", "--help"), ["lora  Train a kohya-compatible LoRA\n"]),
+        (("train", "lora", "--help"), ["    --resume PATH|auto\n"]),  # the epilog's own layout
     ],
 )
 def test_help_is_whole_plain_and_has_no_bool_metavar(args, whole):
     text = sdtrain(*args)
+    if args[0] in ("train", "dataset", "--help"):
+        # (caption/model list every alias spelling of an option on one line: whole, not cut)
+        assert all(len(line) <= 80 for line in text.splitlines())
     assert "…" not in text
     assert "<bool>" not in text
     for piece in whole:

@@ -88,6 +88,10 @@ def _command(entry: MethodEntry) -> Callable[..., None]:
 
 
 for _entry in METHODS.values():
-    app.command(_entry.name, context_settings=CONFIG_COMMAND, epilog=_entry.usage or None)(
-        _command(_entry)
-    )
+    app.command(
+        _entry.name,
+        context_settings=CONFIG_COMMAND,
+        # "\b": click prints the block as written (its line breaks are the layout)
+        epilog="\b\n" + _entry.usage.strip("\n") if _entry.usage else None,
+        short_help=_entry.summary.split(":")[0],  # the command list never cuts it
+    )(_command(_entry))

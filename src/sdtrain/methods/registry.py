@@ -73,13 +73,15 @@ class MethodEntry:
 
 
 _LORA_USAGE = """
-Everyday options (any key of the run schema works as --key value; see --help-config):
-  --pretrained_model_name_or_path PATH   --output_dir DIR   --output_name NAME
-  --max_train_steps N   --max_train_epochs N   --train_batch_size N   --learning_rate LR
-  --network_dim N   --network_alpha A   --mixed_precision no|bf16|fp16   --seed N
-  --cache_latents   --save_every_n_epochs N   --save_state   --resume PATH|auto
+Everyday options (any key of the run schema works as --key value;
+--help-config lists them all):
+  --pretrained_model_name_or_path PATH   --output_dir DIR
+  --output_name NAME   --max_train_steps N   --max_train_epochs N
+  --train_batch_size N   --learning_rate LR   --network_dim N
+  --network_alpha A   --mixed_precision no|bf16|fp16   --seed N
+  --cache_latents   --save_every_n_epochs N   --save_state
+  --resume PATH|auto
 """
-
 METHODS: dict[str, MethodEntry] = {
     entry.name: entry
     for entry in (
