@@ -204,6 +204,31 @@ CASES = [
         flags=["--log_with", "tensorboard"],
     ),
     Case("resume from nowhere", 1, ["cannot resume", "nowhere"], flags=["--resume", "nowhere"]),
+    Case(
+        "reference-only flag",
+        2,
+        ["--debug_dataset", "dataset plan", "--preview"],
+        flags=["--debug_dataset"],
+    ),
+    Case(
+        "validation cadence without a split",
+        2,
+        ["training.validate_every_n_steps", "validation_split"],
+        flags=["--validate_every_n_steps", "2"],
+    ),
+    Case(
+        "validation_split out of range",
+        2,
+        ["dataset.validation_split", "1.5"],
+        flags=["--validation_split", "1.5"],
+    ),
+    Case(
+        "resume from a folder without states",
+        1,
+        ["holds no complete state", "none"],
+        setup=lambda root: (root / "old").mkdir(),
+        flags=["--resume", "old"],
+    ),
     # --- model files
     Case(
         "model file missing",
@@ -315,6 +340,12 @@ def test_bad_input_is_refused_cleanly(case: Case, run_dir: Path, monkeypatch) ->
     assert "Traceback" not in text
     for piece in case.says:
         assert piece in said, f"{piece!r} not in:\n{text}"
+
+
+def test_missing_argument_toml_is_named(run_dir: Path, monkeypatch) -> None:
+    monkeypatch.chdir(run_dir)
+    code, text = outcome(["train", "lora", "--config_file", "nope.toml", "--dry-run"])
+    assert code == 2 and "config file not found: nope.toml" in " ".join(text.split())
 
 
 def test_real_entry_point_exits_without_traceback(run_dir: Path) -> None:
