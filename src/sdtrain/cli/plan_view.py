@@ -85,20 +85,23 @@ def _origins_table(plan: DatasetPlan, verbose: bool) -> Table:
     own = f"datasets[{plan.index}]"
     for key in DATASET_KEYS:
         origin = plan.origins[key].replace(own, "dataset")
-        table.add_row(
-            key, f"{_value(plan.params[key])} [dim]<- {escape(origin)}", *["" for _ in plan.subsets]
-        )
+        table.add_row(key, _cell(_value(plan.params[key]), origin), *["" for _ in plan.subsets])
     subset_keys = list(plan.subsets[0].params) if verbose and plan.subsets else SUBSET_KEYS
     for key in subset_keys:
         cells = [
-            f"{_value(s.params[key])} [dim]<- {escape(_short(s, key, own))}"
-            if key in s.params
-            else ""
+            _cell(_value(s.params[key]), _short(s, key, own)) if key in s.params else ""
             for s in plan.subsets
         ]
         if any(cells):
             table.add_row(key, "", *cells)
     return table
+
+
+def _cell(value: str, origin: str) -> str:
+    """`value <- origin` on one line when short, else the origin on its own line (narrow
+    terminals fold long cells mid-word)."""
+    joiner = " " if len(value) + len(origin) <= 16 else "\n"
+    return f"{value}{joiner}[dim]<- {escape(origin)}"
 
 
 def _short(subset: SubsetPlan, key: str, dataset_label: str) -> str:

@@ -30,6 +30,8 @@ def render_error(error: SdtrainError) -> None:
         for problem in error.problems:
             body.append("\n • ")
             where = problem.location()
+            if where == "<command line>":
+                where = "on the command line"
             if where and where != "<config>":
                 body.append(where, style="cyan")
                 body.append("  ")
