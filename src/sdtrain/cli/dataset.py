@@ -22,14 +22,17 @@ def plan(
         False, "--help-config", "--help_config", help="List every configuration key and exit."
     ),
 ) -> None:
-    """Plan the datasets of RUN.toml (or of a bare dataset blueprint .toml).
+    """Plan the datasets of RUN.toml, of a bare blueprint .toml, or of flags alone.
 
-    Usage: sdtrain dataset plan RUN_OR_BLUEPRINT.toml [--resolution 512 --train_batch_size 4
-    --max_train_steps N --gradient_accumulation_steps N ...] [--json] [--preview DIR]
+    \b
+    sdtrain dataset plan RUN_OR_BLUEPRINT.toml [--key value ...] [--json]
+    sdtrain dataset plan --train_data_dir DIR [--reg_data_dir DIR] --resolution 512
+        [--enable_bucket --train_batch_size 2 ...]
+    sdtrain dataset plan --config_file ARGS.toml   (the reference's argument TOML)
 
-    Shows images, repeats, captions found/missing, regularization balance, buckets, invalid
-    images, where each effective value came from, and the epoch/step totals. Any run key can be
-    given as --key value.
+    Shows images, repeats, captions found/missing, regularization balance, the validation
+    split, buckets, invalid images, where each effective value came from, and the epoch/step
+    totals. Any run key can be given as --key value.
     """
     from sdtrain.log import out
 
