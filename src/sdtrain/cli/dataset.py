@@ -26,8 +26,8 @@ def plan(
 
     \b
     sdtrain dataset plan RUN_OR_BLUEPRINT.toml [--key value ...] [--json]
-    sdtrain dataset plan --train_data_dir DIR [--reg_data_dir DIR] --resolution 512
-        [--enable_bucket --train_batch_size 2 ...]
+    sdtrain dataset plan --train_data_dir DIR [--reg_data_dir DIR]
+        --resolution 512 [--enable_bucket --train_batch_size 2 ...]
     sdtrain dataset plan --config_file ARGS.toml   (the reference's argument TOML)
 
     Shows images, repeats, captions found/missing, regularization balance, the validation
