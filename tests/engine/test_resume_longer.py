@@ -49,3 +49,23 @@ def test_resume_from_a_folder_without_states_lists_them(cli, tmp_path, run_data)
         cli(["train", "lora", str(config), "--dry-run"])
     assert "holds no complete state" in info.value.message
     assert "t-step00000002-state" in info.value.message
+
+
+def test_a_new_loss_recipe_continues_with_a_warning(cli, tmp_path, run_data, straight):
+    out = tmp_path / "out"
+    config = write_config(
+        tmp_path / "run.toml",
+        run_data,
+        out,
+        saving={"resume": str(straight / "t-step00000004-state")},
+    )
+    result = cli(["train", "lora", str(config), "--min_snr_gamma", "5"])
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    assert "training.min_snr_gamma changed from None to 5.0" in said
+    assert "no longer identical to an uninterrupted run" in said
+    assert [r["step"] for r in metrics(out)][-1] == STEPS
+
+    with pytest.raises(TrainingError) as info:  # a new LR would be ignored by the states
+        cli(["train", "lora", str(config), "--learning_rate", "5e-4"])
+    assert "optimizer.learning_rate" in info.value.message

@@ -41,6 +41,36 @@ HARMLESS_KEYS = {
 }
 
 
+# Keys that change how the run continues without making its state wrong: the new value applies
+# from the resumed step on (logged as a warning: the result is no longer identical to an
+# uninterrupted run). Everything else that changes what is trained (data, batch layout, seed,
+# model, adapter structure, optimizer kind, precision) would corrupt the continuation and is
+# refused unless listed in resume_allow_changes.
+# (LR keys are not here: the resumed optimizer and scheduler states carry the old rates, so a
+# new value would be silently ignored; they stay refused.)
+CONTINUATION_KEYS = {
+    "training.max_grad_norm",
+    "training.prior_loss_weight",
+    "training.gradient_checkpointing",
+    "training.noise_offset",
+    "training.noise_offset_random_strength",
+    "training.adaptive_noise_scale",
+    "training.multires_noise_iterations",
+    "training.multires_noise_discount",
+    "training.ip_noise_gamma",
+    "training.ip_noise_gamma_random_strength",
+    "training.min_timestep",
+    "training.max_timestep",
+    "training.loss_type",
+    "training.huber_schedule",
+    "training.huber_c",
+    "training.huber_scale",
+    "training.min_snr_gamma",
+    "training.scale_v_pred_loss_like_noise_pred",
+    "training.v_pred_like_loss",
+    "training.debiased_estimation_loss",
+}
+
 # Keys whose growth continues a run (train longer): the schedule is rebuilt for the new length.
 LENGTH_KEYS = ("training.max_train_steps", "training.max_train_epochs")
 
@@ -145,6 +175,15 @@ def check_resume_config(
             logger.info(
                 "resume: %s raised from %r to %r; the LR schedule was recomputed for the new "
                 "length (steps already taken keep their learning rates)",
+                key,
+                old,
+                new,
+            )
+            continue
+        if key in CONTINUATION_KEYS and not (harmless or "*" in allowed or key in allowed):
+            logger.warning(
+                "resume: %s changed from %r to %r; training continues with the new value from "
+                "this step on (no longer identical to an uninterrupted run)",
                 key,
                 old,
                 new,
