@@ -36,12 +36,11 @@ def _run(ctx: typer.Context, command: str, dry_run: bool, help_config: bool) -> 
 
         print_summary(console, prepared.plan, str(loaded.config.training.output_dir))
     if dry_run:
-        from rich.syntax import Syntax
-
         from sdtrain.config.resolved import resolved_toml
 
         console.print("[bold]resolved config[/bold] (every effective value):")
-        out.print(Syntax(resolved_toml(loaded.config), "toml", theme="ansi_dark"))
+        # plain and unwrapped: the TOML can be copied as is (a narrow terminal cut long lines)
+        out.print(resolved_toml(loaded.config), markup=False, highlight=False, soft_wrap=True)
         console.print("[green]dry run: configuration and data are valid; nothing was trained.")
         return
     # from the parsed command, not sys.argv (which is the host's when invoked in-process)
