@@ -23,12 +23,30 @@ def _reload_lora(files: list[Path], bundle: Any) -> Any:
     return bundle
 
 
+def _reload_ti(files: list[Path], bundle: Any) -> Any:
+    from sdtrain.models.embeddings import add_embedding, read_embedding
+
+    (path,) = files
+    add_embedding(bundle, "zqtok", read_embedding(path))
+    return bundle
+
+
 CASES: list[MethodCase] = [
     MethodCase(
         name="lora",
         tables={"network": {"network_dim": 4, "network_alpha": 2.0}},
         trainable=lambda key, tensor: ".lora_A." in key or ".lora_B." in key,
         reload=_reload_lora,
+        atol=0.0,
+    ),
+    MethodCase(
+        name="ti",
+        tables={"textual_inversion": {"token_string": "zqtok", "init_word": "cat"}},
+        # only the new rows: they sit in NewTokenRows.rows; the base matrix must not change
+        trainable=lambda key, tensor: key.endswith("token_embedding.rows"),
+        reload=_reload_ti,
+        captions=lambda i: f"a photo of zqtok, tag{i}",
+        prompts=["a photo of zqtok", "zqtok tag1"],
         atol=0.0,
     ),
 ]

@@ -114,20 +114,39 @@ def test_xti_files_round_trip_in_reference_order(tmp_path: Path) -> None:
     from sdtrain.models.embeddings import XTI_LAYERS, is_xti, read_xti, write_xti
 
     assert list(XTI_LAYERS) == sorted(XTI_LAYERS) and len(XTI_LAYERS) == 16
-    layers = torch.randn(16, 2, 8)
+    layers = {name: torch.randn(2, 8) for name in XTI_LAYERS}
     path = write_xti(tmp_path / "x.safetensors", layers, {"modelspec.title": "x"})
     with safe_open(str(path), "pt") as handle:
         assert sorted(handle.keys()) == list(XTI_LAYERS)
-        assert handle.get_tensor("MID").shape == (2, 8)
-        assert torch.equal(handle.get_tensor("OUT03"), layers[7])
-    assert is_xti(path) and torch.equal(read_xti(path), layers)
-    write_embedding_path = tmp_path / "plain.safetensors"
-    save_file({"emb_params": layers[0]}, str(write_embedding_path))
-    assert not is_xti(write_embedding_path)
-    with pytest.raises(ModelLoadError, match="16 tensors"):
-        read_xti(write_embedding_path)
+        assert torch.equal(handle.get_tensor("OUT03"), layers["OUT03"])
+    read = read_xti(path)
+    assert is_xti(path) and list(read) == list(XTI_LAYERS)
+    assert all(torch.equal(read[k], layers[k]) for k in XTI_LAYERS)
+    # the reference's loader: any 16 tensors, in file order
+    save_file(
+        {f"t{i:02d}": layers[k] for i, k in enumerate(XTI_LAYERS)}, str(tmp_path / "u.safetensors")
+    )
+    assert all(torch.equal(read_xti(tmp_path / "u.safetensors")[k], layers[k]) for k in XTI_LAYERS)
+    plain = tmp_path / "plain.safetensors"
+    save_file({"emb_params": layers["MID"]}, str(plain))
+    assert not is_xti(plain)
+    with pytest.raises(ModelLoadError, match="not an XTI file"):
+        read_xti(plain)
     with pytest.raises(ModelLoadError, match="XTI"):
         read_embedding(path)
+
+
+def test_xti_site_names_follow_the_reference_numbering() -> None:
+    from diffusers import UNet2DConditionModel
+
+    from sdtrain.models.embeddings import XTI_LAYERS
+    from sdtrain.models.families import config_dir
+    from sdtrain.models.xti import site_names
+
+    config = UNet2DConditionModel.load_config(str(config_dir("sd1") / "unet"))
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config)
+    assert site_names(unet) == list(XTI_LAYERS)
 
 
 def _our_prompt_embedding(bundle, path: Path, prompt: str) -> torch.Tensor:

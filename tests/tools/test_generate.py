@@ -257,3 +257,25 @@ def test_cli_help_lists_the_options(cli) -> None:
         "--out",
     ):
         assert flag in result.output
+
+
+def test_generate_loads_an_xti_file(tmp_path: Path) -> None:
+    """An XTI file conditions each UNet site on its own rows; equal rows at every site give
+    exactly the image of the same vectors as a plain embedding."""
+    from sdtrain.models.embeddings import write_embedding, write_xti
+
+    sites = ["IN01", "MID", "OUT02", "OUT03"]  # tiny-sd1's cross-attention sites
+    same = torch.randn(2, 32, generator=torch.Generator().manual_seed(4)) * 5
+    xti = write_xti(tmp_path / "zqx.safetensors", {s: same for s in sites}, None)
+    plain = write_embedding(tmp_path / "plain" / "zqx.safetensors", same, token="zqx")
+    spec = replace(SPEC, prompt="a zqx zqx1 square")
+    bundle, tokens = load_model(options(tmp_path, embeddings=(xti,)))
+    assert tokens == {"zqx": ["zqx", "zqx1"]} and bundle.embeddings.xti is not None
+    from_xti = image_of(bundle, spec)
+    plain_bundle, _ = load_model(options(tmp_path, embeddings=(plain,)))
+    np.testing.assert_array_equal(from_xti, image_of(plain_bundle, spec))
+    shift = torch.randn(2, 32, generator=torch.Generator().manual_seed(5)) * 5
+    varied = {s: same + shift if s == "MID" else same for s in sites}  # only MID differs
+    other = write_xti(tmp_path / "other" / "zqx.safetensors", varied, None)
+    varied_bundle, _ = load_model(options(tmp_path, embeddings=(other,)))
+    assert not np.array_equal(image_of(varied_bundle, spec), from_xti)

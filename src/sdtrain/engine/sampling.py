@@ -21,6 +21,21 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+def expand_spec(spec: PromptSpec, names: dict[str, list[str]]) -> PromptSpec:
+    """A prompt with every embedding token T expanded to "T T1 ..." (negative prompt too)."""
+    from dataclasses import replace
+
+    from sdtrain.models.embeddings import expand_all
+
+    if not names:
+        return spec
+    return replace(
+        spec,
+        prompt=expand_all(spec.prompt, names),
+        negative_prompt=expand_all(spec.negative_prompt, names),
+    )
+
+
 def load_prompts(section: SampleSection, resolution: int) -> list[PromptSpec]:
     """The sample prompts (default size: the family's native resolution), read at start-up so a
     bad prompt file fails before training, not at the first sample point."""
@@ -87,11 +102,13 @@ class SampleHook:
         with self.method.sampling(self.bundle):
             results = generate_images(
                 self.bundle,
-                self.prompts,
+                [expand_spec(spec, self.bundle.embeddings.names) for spec in self.prompts],
                 clip_skip=self.clip_skip,
                 max_token_length=self.max_token_length,
                 dtype=self.dtype,
             )
+        # PNG parameters show the prompts as written (embedding tokens not expanded)
+        results = [r._replace(spec=o) for r, o in zip(results, self.prompts, strict=True)]
         saved = save_sample_set(
             results,
             self.output_dir,

@@ -82,6 +82,18 @@ Everyday options (any key of the run schema works as --key value;
   --cache_latents   --save_every_n_epochs N   --save_state
   --resume PATH|auto
 """
+
+_TI_USAGE = """
+Everyday options (any key of the run schema works as --key value;
+--help-config lists them all):
+  --token_string T   --num_vectors_per_token N   --init_word WORD
+  --xti   --use_object_template   --use_style_template
+  --weights FILE   --save_model_as safetensors|pt|ckpt
+  --pretrained_model_name_or_path PATH   --output_dir DIR
+  --max_train_steps N   --learning_rate LR   --seed N
+Captions must contain T (or use a template flag); T becomes "T T1 ...".
+"""
+
 METHODS: dict[str, MethodEntry] = {
     entry.name: entry
     for entry in (
@@ -92,6 +104,16 @@ METHODS: dict[str, MethodEntry] = {
             section_ref="sdtrain.config.methods:NetworkSection",
             builder="sdtrain.methods.lora:build",
             usage=_LORA_USAGE,
+        ),
+        MethodEntry(
+            name="ti",
+            summary="Train a Textual Inversion embedding (or XTI with --xti): "
+            "sdtrain train ti RUN.toml [--key value ...]",
+            table="textual_inversion",
+            section_ref="sdtrain.config.methods:TextualInversionSection",
+            builder="sdtrain.methods.ti:build",
+            dropout=False,
+            usage=_TI_USAGE,
         ),
     )
 }

@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from transformers import CLIPTextModel, CLIPTokenizer
 
     from sdtrain.methods.base import Conditioning
+    from sdtrain.models.xti import XtiRows
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,15 @@ class ModelSource:
 
 
 @dataclass
+class EmbeddingTokens:
+    """Textual-inversion tokens added to a bundle: each token's strings (T, T1, ...), so prompts
+    can expand `T` to "T T1 ...", and the rows of the XTI token, if one was added."""
+
+    names: dict[str, list[str]] = field(default_factory=dict)
+    xti: XtiRows | None = None
+
+
+@dataclass
 class ModelBundle:
     """UNet, VAE, text encoder, tokenizer and training noise scheduler of one SD model."""
 
@@ -82,3 +92,4 @@ class ModelBundle:
     noise_scheduler: DDPMScheduler
     family: FamilyInfo
     source: ModelSource
+    embeddings: EmbeddingTokens = field(default_factory=EmbeddingTokens)

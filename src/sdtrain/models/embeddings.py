@@ -9,8 +9,9 @@ File forms written (`write_embedding` / `write_xti`):
 - `.pt` / `.ckpt`: `torch.save({"emb_params": (n, D)})`, tensors only (weights_only loadable);
 - A1111 `.pt`: `{"string_to_token": {"*": 265}, "string_to_param": {"*": (n, D)}, "name": T,
   "step": S, "sd_checkpoint": None, "sd_checkpoint_name": None}` (plain types only);
-- XTI (P+): `.safetensors` with the 16 cross-attention site names (`XTI_LAYERS`) as keys, each
-  (n, D), in the reference's order (§8.5), plus modelspec metadata.
+- XTI (P+): `.safetensors` with the cross-attention site names as keys, each (n, D): for SD1/SD2
+  the reference's 16 (`XTI_LAYERS`, §8.5); smaller UNets (the toy models) name their sites by
+  the same LDM block numbering (sdtrain.models.xti.site_names). Plus modelspec metadata.
 """
 
 from __future__ import annotations
@@ -30,11 +31,12 @@ EMB_KEY = "emb_params"  # sdtrain / kohya safetensors and .pt
 A1111_KEY = "string_to_param"  # AUTOMATIC1111 .pt: {"string_to_param": {"*": (n, D)}, ...}
 TORCH_SUFFIXES = (".pt", ".ckpt", ".bin", ".pth")
 # The UNet cross-attention sites of SD1/SD2 in the reference's XTI order (§8.5); sorted
-# alphabetically this is the same order.
+# alphabetically this is the same order. Any XTI site name matches XTI_NAME.
 XTI_LAYERS = (
     "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "MID",
     "OUT03", "OUT04", "OUT05", "OUT06", "OUT07", "OUT08", "OUT09", "OUT10", "OUT11",
 )  # fmt: skip
+XTI_NAME = re.compile(r"^(IN\d\d|MID|OUT\d\d)$")
 
 
 def _bad(path: Path, why: str) -> ModelLoadError:
@@ -80,8 +82,8 @@ def _load(path: Path) -> Any:
 
 
 def is_xti(path: str | Path) -> bool:
-    """True for an XTI file: a safetensors whose tensors are the 16 XTI layer names (or, as the
-    reference accepts, any 16 tensors)."""
+    """True for an XTI file: a safetensors keyed by XTI site names (with MID), or, as the
+    reference accepts, any 16 tensors."""
     path = Path(path)
     if path.suffix != ".safetensors" or not path.is_file():
         return False
@@ -92,22 +94,26 @@ def is_xti(path: str | Path) -> bool:
             keys = list(handle.keys())
     except Exception:
         return False
-    return set(keys) == set(XTI_LAYERS) or (len(keys) == len(XTI_LAYERS) and EMB_KEY not in keys)
+    named = "MID" in keys and all(XTI_NAME.match(key) for key in keys)
+    return named or (len(keys) == len(XTI_LAYERS) and EMB_KEY not in keys)
 
 
-def read_xti(path: str | Path) -> torch.Tensor:
-    """The vectors (16, n, D) float32 of an XTI file, in XTI_LAYERS order (a file without the
-    layer names: its 16 tensors in the order safetensors lists them, as the reference)."""
+def read_xti(path: str | Path) -> dict[str, torch.Tensor]:
+    """The vectors of an XTI file: site name -> (n, D) float32, in site order. A file of 16
+    unnamed tensors gets the reference's names in the order safetensors lists them."""
     path = Path(path)
     data = _load(path)
-    if not isinstance(data, dict) or len(data) != len(XTI_LAYERS):
-        count = len(data) if isinstance(data, dict) else 0
-        raise _bad(path, f"an XTI file holds 16 tensors, one per layer; this one has {count}")
-    keys = list(XTI_LAYERS) if set(data) == set(XTI_LAYERS) else list(data)
-    layers = [data[key] if data[key].ndim == 2 else data[key].reshape(1, -1) for key in keys]
-    if len({tuple(layer.shape) for layer in layers}) != 1:
-        raise _bad(path, "its 16 layer tensors differ in shape")
-    return torch.stack(layers).detach().float()
+    if not isinstance(data, dict) or not is_xti(path):
+        raise _bad(path, "not an XTI file (keys IN01 ... MID ... OUT11, one tensor per site)")
+    if not all(XTI_NAME.match(key) for key in data):
+        data = dict(zip(XTI_LAYERS, data.values(), strict=True))
+    layers = {
+        key: (value if value.ndim == 2 else value.reshape(1, -1)).detach().float()
+        for key, value in sorted(data.items())
+    }
+    if len({tuple(layer.shape) for layer in layers.values()}) != 1:
+        raise _bad(path, "its site tensors differ in shape")
+    return layers
 
 
 def read_embedding(path: str | Path) -> torch.Tensor:
@@ -165,13 +171,15 @@ def write_embedding(
     return path
 
 
-def write_xti(path: str | Path, layers: torch.Tensor, metadata: dict[str, str] | None) -> Path:
-    """Write XTI vectors (16, n, D) as a safetensors keyed by XTI_LAYERS (atomically)."""
+def write_xti(
+    path: str | Path, layers: dict[str, torch.Tensor], metadata: dict[str, str] | None
+) -> Path:
+    """Write XTI vectors (site name -> (n, D)) as a safetensors (atomically)."""
     from sdtrain.atomic import save_safetensors
 
-    if layers.ndim != 3 or layers.shape[0] != len(XTI_LAYERS):
-        raise ValueError(f"XTI vectors must be (16, n, D), got {tuple(layers.shape)}")
-    tensors = {name: layers[i].detach().cpu().contiguous() for i, name in enumerate(XTI_LAYERS)}
+    if "MID" not in layers or not all(XTI_NAME.match(key) for key in layers):
+        raise ValueError(f"XTI site names expected, got {sorted(layers)}")
+    tensors = {name: value.detach().cpu().clone() for name, value in layers.items()}
     save_safetensors(Path(path), tensors, metadata)
     return Path(path)
 
@@ -216,7 +224,58 @@ def add_embedding(bundle: ModelBundle, token: str, vectors: torch.Tensor) -> lis
     weight = bundle.text_encoder.get_input_embeddings().weight
     with torch.no_grad():
         weight[ids] = vectors.to(device=weight.device, dtype=weight.dtype)
+    bundle.embeddings.names[token] = names
     return names
+
+
+def add_xti_embedding(
+    bundle: ModelBundle, token: str, layers: dict[str, torch.Tensor]
+) -> list[str]:
+    """Add an XTI embedding (site name -> (n, D)): tokens T, T1, ... whose per-site row blocks
+    live in a NewTokenRows module; prompts then condition each UNet site on its own block. One
+    XTI embedding per bundle, added after every plain embedding."""
+    from sdtrain.models.token_rows import install_rows, taken_tokens
+    from sdtrain.models.xti import XtiRows, site_names, stack_sites
+
+    if bundle.embeddings.xti is not None:
+        raise ModelLoadError(
+            f"XTI embedding '{token}': only one XTI embedding can be loaded at a time",
+            hint="pass one XTI file (plain embeddings can be added alongside)",
+        )
+    sites = site_names(bundle.unet)
+    try:
+        stacked = stack_sites(layers, sites)
+    except ValueError as error:
+        raise ModelLoadError(
+            f"XTI embedding '{token}' does not fit this UNet: {error}",
+            hint="use an XTI embedding trained for this model family",
+        ) from error
+    width = bundle.text_encoder.get_input_embeddings().weight.shape[1]
+    if stacked.shape[-1] != width:
+        raise ModelLoadError(
+            f"XTI embedding '{token}' has vectors of width {stacked.shape[-1]}, the model's "
+            f"text encoder has {width}",
+            hint="use an embedding trained for this model family (768: SD1, 1024: SD2)",
+        )
+    names = token_strings(token, stacked.shape[1])
+    taken = taken_tokens(bundle.tokenizer, names)
+    if taken:
+        raise ModelLoadError(
+            f"embedding token(s) {', '.join(taken)} already exist in the tokenizer",
+            hint="rename the embedding file (its stem is the token) to a word that is not a token",
+        )
+    first = len(bundle.tokenizer)
+    install_rows(bundle.tokenizer, bundle.text_encoder, names, stacked.reshape(-1, width))
+    bundle.embeddings.names[token] = names
+    bundle.embeddings.xti = XtiRows(first, stacked.shape[1], tuple(sites))
+    return names
+
+
+def expand_all(text: str, names: dict[str, list[str]]) -> str:
+    """expand_tokens for every embedding token of a bundle (`bundle.embeddings.names`)."""
+    for token, strings in names.items():
+        text = expand_tokens(text, token, strings)
+    return text
 
 
 def expand_tokens(text: str, token: str, names: list[str]) -> str:

@@ -246,13 +246,20 @@ def _run_batch(
     max_token_length: int | None,
 ) -> list[Image.Image]:
     spec = group[0][0]
-    cond = encode_prompts(bundle, [spec.prompt, spec.negative_prompt], clip_skip, max_token_length)
     count = len(group)
+    extra: dict[str, Any] = {}
+    if bundle.embeddings.xti is None:
+        cond = encode_prompts(
+            bundle, [spec.prompt, spec.negative_prompt], clip_skip, max_token_length
+        )
+    else:
+        cond, extra = _xti_conditioning(bundle, spec, count, clip_skip, max_token_length)
     pipe.scheduler = make_scheduler(spec.sampler, bundle.family)
     generators = [torch.Generator("cpu").manual_seed(seed) for _, seed in group]
     result = pipe(
         prompt_embeds=cond[:1].expand(count, -1, -1),
         negative_prompt_embeds=cond[1:].expand(count, -1, -1),
+        **extra,
         height=spec.height,
         width=spec.width,
         num_inference_steps=spec.steps,
@@ -261,6 +268,38 @@ def _run_batch(
         output_type="pil",
     )
     return list(result.images)
+
+
+def _xti_conditioning(
+    bundle: ModelBundle,
+    spec: PromptSpec,
+    count: int,
+    clip_skip: int | None,
+    max_token_length: int | None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """(prompt, negative) mid-block states for the pipeline, plus the per-site states as
+    cross_attention_kwargs, in the pipeline's batch layout ([negative, positive] under CFG)."""
+    from sdtrain.models.layer_states import install_layer_states
+    from sdtrain.models.xti import encode_prompt_layers
+
+    rows = bundle.embeddings.xti
+    assert rows is not None
+    install_layer_states(bundle.unet)
+    positive, negative = (
+        encode_prompt_layers(
+            rows, bundle.tokenizer, bundle.text_encoder, text, clip_skip, max_token_length
+        )
+        for text in (spec.prompt, spec.negative_prompt)
+    )
+    guided = spec.scale > 1 and bundle.unet.config.time_cond_proj_dim is None
+    states = [
+        torch.cat([n.expand(count, -1, -1), p.expand(count, -1, -1)]) if guided else p
+        for p, n in zip(positive, negative, strict=True)
+    ]
+    if not guided:
+        states = [p.expand(count, -1, -1) for p in states]
+    cond = torch.cat([positive[rows.mid], negative[rows.mid]])
+    return cond, {"cross_attention_kwargs": {"layer_states": states}}
 
 
 def generate_images(

@@ -112,7 +112,13 @@ def load_model(options: GenerateOptions) -> tuple[ModelBundle, dict[str, list[st
     """
     from sdtrain.config.sections import ModelSection
     from sdtrain.methods.adapters.apply import apply_lora_file
-    from sdtrain.models.embeddings import add_embedding, read_embedding
+    from sdtrain.models.embeddings import (
+        add_embedding,
+        add_xti_embedding,
+        is_xti,
+        read_embedding,
+        read_xti,
+    )
     from sdtrain.models.load import load_bundle
     from sdtrain.tools.lora_files import kohya_file_for
 
@@ -125,8 +131,12 @@ def load_model(options: GenerateOptions) -> tuple[ModelBundle, dict[str, list[st
     )
     bundle = load_bundle(section)
     tokens: dict[str, list[str]] = {}
-    for path in options.embeddings:
-        names = add_embedding(bundle, Path(path).stem, read_embedding(path))
+    # plain embeddings first: they grow the embedding matrix, XTI rows sit in front of it
+    for path in sorted(options.embeddings, key=is_xti):
+        if is_xti(path):
+            names = add_xti_embedding(bundle, Path(path).stem, read_xti(path))
+        else:
+            names = add_embedding(bundle, Path(path).stem, read_embedding(path))
         tokens[Path(path).stem] = names
         logger.info(
             "embedding %s: %d vector(s) as %s", Path(path).name, len(names), " ".join(names)
