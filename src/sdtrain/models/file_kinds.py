@@ -74,12 +74,13 @@ def _embedding(path: Path) -> dict[str, Any] | None:
     try:
         if is_xti(path):
             layers = read_xti(path)
+            first = next(iter(layers.values()))
             return {
                 "kind": "XTI embedding (one vector set per U-Net cross-attention layer)",
-                "layers": layers.shape[0],
-                "vectors per token": layers.shape[1],
-                "width": layers.shape[2],
-                "base family": _WIDTH_FAMILY.get(int(layers.shape[2]), "unknown"),
+                "layers": len(layers),
+                "vectors per token": first.shape[0],
+                "width": first.shape[1],
+                "base family": _WIDTH_FAMILY.get(int(first.shape[1]), "unknown"),
             }
         vectors = read_embedding(path)
     except (SdtrainError, ValueError, KeyError, TypeError, RuntimeError):
@@ -99,6 +100,10 @@ def describe_file(
     if any(k.startswith(("lora_unet_", "lora_te")) for k in shapes):
         return _lora(shapes, metadata)
     embedding_keys = {"emb_params", "string_to_param"}
-    if embedding_keys & {k.split(".")[0] for k in shapes} or len(shapes) in (1, 16):
+    if (
+        embedding_keys & {k.split(".")[0] for k in shapes}
+        or len(shapes) in (1, 16)
+        or "MID" in shapes
+    ):
         return _embedding(path)
     return None
