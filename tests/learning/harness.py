@@ -21,7 +21,7 @@ captions. Measured on the shipped toy (tests/models/test_toy_model.py has the ch
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -96,18 +96,28 @@ def denoise_loss(
     t_range: tuple[int, int] = (300, 750),
     seeds: Sequence[int] = (0, 1, 2, 3),
     n_timesteps: int = 4,
+    layer_states: Callable[[str], list[torch.Tensor]] | None = None,
 ) -> float:
     """Mean epsilon-prediction MSE of `images` captioned `prompt`, with fixed noise and timesteps.
 
     For each seed, every image gets noise from a CPU generator seeded with that seed and is scored
     at `n_timesteps` evenly spaced timesteps in `t_range` (inclusive), so two calls with the same
     arguments see the same noise: differences come from the model or the prompt only.
+    `layer_states(prompt)` (XTI): one (1, 77, D) conditioning per UNet cross-attention site,
+    delivered through sdtrain.models.layer_states instead of the plain prompt encoding.
     """
     latents = encode_images(vae, images).float()
     ac = alphas_cumprod()
     timesteps = torch.linspace(t_range[0], t_range[1], n_timesteps).round().long()
     with torch.no_grad():
         cond = encode_prompts(text_encoder, tokenizer, [prompt]).float()
+        kwargs = {}
+        if layer_states is not None:
+            from sdtrain.models.layer_states import install_layer_states
+
+            install_layer_states(unet)
+            states = [s.float().expand(len(latents), -1, -1) for s in layer_states(prompt)]
+            kwargs["cross_attention_kwargs"] = {"layer_states": states}
         total, count = 0.0, 0
         for seed in seeds:
             generator = torch.Generator().manual_seed(int(seed))
@@ -118,7 +128,9 @@ def denoise_loss(
                 a = ac[t].float()
                 noisy = a.sqrt() * latents + (1 - a).sqrt() * noise[k]
                 batch_t = t.repeat(len(latents))
-                pred = unet(noisy, batch_t, cond.expand(len(latents), -1, -1)).sample.float()
+                pred = unet(
+                    noisy, batch_t, cond.expand(len(latents), -1, -1), **kwargs
+                ).sample.float()
                 total += torch.mean((pred - noise[k]) ** 2).item()
                 count += 1
     return total / count
