@@ -182,3 +182,47 @@ def test_sampling_uses_the_current_rows(bundle, xti: bool) -> None:
         # the text encoder's LayerNorm)
         group.params[0][-1] += torch.randn(32, generator=torch.Generator().manual_seed(0)) * 3
     assert not np.array_equal(before, image())
+
+
+@pytest.mark.parametrize("xti", [False, True])
+def test_sd2_trains_and_exports(tmp_path: Path, xti: bool) -> None:
+    """SD2 (pad token '!', its own width) through prepare, a backward step and export."""
+    from safetensors import safe_open
+
+    from sdtrain.methods.base import Conditioning, SavePoint
+    from sdtrain.models.builtin import load_builtin
+
+    sd2 = load_builtin("builtin:tiny-sd2")
+    width = sd2.text_encoder.get_input_embeddings().weight.shape[1]
+    ti = method(num_vectors_per_token=2, init_word="cat", xti=xti)
+    (group,) = ti.prepare(sd2)
+    cond = ti.condition(sd2, _Batch(["a zqtok"]), step())
+    assert isinstance(cond, Conditioning) and cond.hidden_states.shape[-1] == width
+    pred = sd2.family.predict(sd2.unet, torch.randn(1, 4, 8, 8), torch.tensor([10]), cond)
+    pred.square().mean().backward()
+    assert group.params[0].grad is not None and group.params[0].grad.abs().sum() > 0
+    (path,) = ti.export(sd2, SavePoint(tmp_path, "zqtok", 1, 1, True))
+    with safe_open(str(path), "pt") as handle:
+        arch = handle.metadata()["modelspec.architecture"]
+        assert arch.startswith("stable-diffusion-v2") and arch.endswith("/textual-inversion")
+        keys = list(handle.keys())
+    assert keys == (["IN01", "MID", "OUT02", "OUT03"] if xti else ["emb_params"])
+
+
+def test_build_names_the_output_after_the_token(caplog) -> None:
+    from types import SimpleNamespace
+
+    from sdtrain.methods.ti import build
+
+    config = SimpleNamespace(
+        textual_inversion=TextualInversionSection(token_string="zqtok"),
+        optimizer=SimpleNamespace(learning_rate=1e-3),
+        training=SimpleNamespace(output_name=None, prior_loss_weight=1.0),
+        model=SimpleNamespace(clip_skip=None, max_token_length=None),
+        saving=SimpleNamespace(save_precision=None),
+    )
+    image = SimpleNamespace(path="a.png", caption="no token", num_repeats=1)
+    plan = SimpleNamespace(datasets=[SimpleNamespace(subsets=[SimpleNamespace(images=[image])])])
+    ti = build(config, plan)  # type: ignore[arg-type]
+    assert ti.token == "zqtok" and config.training.output_name == "zqtok"
+    assert "1 of 1 captions do not contain the token 'zqtok'" in caplog.text

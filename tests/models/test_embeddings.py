@@ -143,10 +143,11 @@ def test_xti_site_names_follow_the_reference_numbering() -> None:
     from sdtrain.models.families import config_dir
     from sdtrain.models.xti import site_names
 
-    config = UNet2DConditionModel.load_config(str(config_dir("sd1") / "unet"))
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(config)
-    assert site_names(unet) == list(XTI_LAYERS)
+    for name in ("sd1", "sd2-768-v"):
+        config = UNet2DConditionModel.load_config(str(config_dir(name) / "unet"))
+        with torch.device("meta"):
+            unet = UNet2DConditionModel.from_config(config)
+        assert site_names(unet) == list(XTI_LAYERS), name
 
 
 def _our_prompt_embedding(bundle, path: Path, prompt: str) -> torch.Tensor:

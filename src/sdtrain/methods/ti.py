@@ -44,7 +44,8 @@ def _problem(key: str, message: str, hint: str = "") -> ConfigError:
 
 def build(config: RunConfig, plan: Plan) -> TiMethod:
     """The registry's builder: TiMethod from a validated `sdtrain train ti` config. Warns once
-    (with a count) about captions that lack the token, unless templates replace them."""
+    (with a count) about captions that lack the token, unless templates replace them; an unset
+    output_name becomes the token string (reference)."""
     section: TextualInversionSection = config.textual_inversion  # type: ignore[attr-defined]
     method = TiMethod(
         section,
@@ -54,6 +55,11 @@ def build(config: RunConfig, plan: Plan) -> TiMethod:
         max_token_length=config.model.max_token_length,
         save_precision=config.saving.save_precision,
     )
+    if config.training.output_name is None:
+        # the reference's default: the file is named after the token, which is how A1111 and
+        # `sdtrain generate --embedding` pick the token up again
+        config.training.output_name = method.token
+        log.info("output_name defaults to the token: %s", method.token)
     if method.captions.templates is None:
         entries = [
             (str(image.path), image.caption)
