@@ -26,7 +26,7 @@ def test_lora_file(tmp_path, cli):
     assert info.kind == "LoRA (kohya format)" and info.family == "sd1"
     assert info.describes["modules"] == "2 (1 U-Net, 1 text encoder)"
     assert info.describes["rank"] == "4 (2 modules)" and info.describes["network_alpha"] == "2.0"
-    assert info.parameters["total"] > 0
+    assert info.parameters["total"] > 0 and info.other_tensors == 0
     result = cli(["model", "info", str(path), "--no-hash"])
     text = " ".join(result.output.split())
     assert "LoRA (kohya format)" in text and "family unknown" not in text

@@ -94,6 +94,7 @@ def inspect_single_file(path: Path, *, hashes: bool = True) -> ModelInfo:
             info.kind = str(described["kind"])
             info.family = described.get("base family")
             info.parameters = {"total": sum(_numel(s) for s in reader.shapes().values())}
+            info.other_tensors = 0  # every tensor belongs to it (no EMA / buffers to skip)
             info.load_message = "not a base model; see `kind`"
             return info
         info.load_message = "no text encoder weights: not a full SD 1.x/2.x checkpoint"
