@@ -32,6 +32,7 @@ learning_rate = 0.0001
 network_dim = 8
 max_train_epochs = ""
 wandb_api_key = ""
+huber_scale = 1.0
 """
 
 
@@ -85,6 +86,7 @@ def test_config_file_reads_the_argument_toml_and_names_unmapped_keys(cli, folder
     assert "args.toml:3 lowram: not used" in said
     assert "wandb_api_key: not used (secrets come from the environment" in said
     assert "resolution = '64,64' read as [64, 64]" in said
+    assert "args.toml:19 huber_scale: mapped, but differs" in said
     assert f'output_dir = "{folders / "out"}"\n' in result.output  # relative to the file
     with pytest.raises(ConfigError) as info:  # a run TOML and --config_file together
         cli(["train", "lora", "run.toml", "--config_file", "args.toml", "--dry-run"])

@@ -45,6 +45,16 @@ NOT_MAPPED: dict[str, str] = {
     "async_upload": "no hub uploads (sdtrain works offline)",
 }
 
+# Mapped keys whose meaning differs from the reference on purpose (reported when present).
+MEANING: dict[str, str] = {
+    "huber_scale": "applies in every huber_schedule (the reference skips it for snr)",
+    "cache_latents_to_disk": "content-addressed cache under latent_cache_dir, not .npz files "
+    "beside the images",
+    "resume": "needs an sdtrain state folder; reference *-state folders cannot be resumed",
+    "save_state": "writes sdtrain state folders (exact resume), not accelerate's layout",
+    "sample_sampler": "an unknown sampler name is an error (the reference falls back to DDIM)",
+}
+
 # Reference flags that only ever appear on a command line, with where to go instead.
 REFERENCE_FLAG_HINTS: dict[str, str] = {
     "debug_dataset": "sdtrain shows the data without training: "
@@ -63,6 +73,7 @@ class Imported:
     doc: SourceDoc  # data: {table: {key: value}}; lines: (table, key) -> line in the source
     unmapped: list[tuple[str, int | None, str]] = field(default_factory=list)  # key, line, why
     converted: list[tuple[str, Any, Any]] = field(default_factory=list)  # key, written, now
+    meaning: list[tuple[str, int | None, str]] = field(default_factory=list)  # key, line, note
 
     def report_lines(self) -> list[str]:
         """Human-readable lines: one per unmapped key and per converted value."""
@@ -71,6 +82,10 @@ class Imported:
             f"{name}:{line or '?'} {key}: not used ({why})" for key, line, why in self.unmapped
         ]
         lines += [f"{name}: {key} = {old!r} read as {new!r}" for key, old, new in self.converted]
+        lines += [
+            f"{name}:{line or '?'} {key}: mapped, but differs: {note}"
+            for key, line, note in self.meaning
+        ]
         return lines
 
 
@@ -151,6 +166,8 @@ def import_argument_toml(path: Path, schema: type[BaseModel]) -> Imported:
         if value == "" and info.annotation is not str:
             result.converted.append((key, value, None))  # the GUI writes "" for "unset"
             continue
+        if key in MEANING and value not in (False, None, ""):
+            result.meaning.append((key, line, MEANING[key]))
         now = _value(info, value)
         if now is not value and now != value:
             result.converted.append((key, value, now))
