@@ -205,3 +205,23 @@ def test_not_a_checkpoint(tmp_path, load_spec):
         load_spec(str(path))
     with pytest.raises(ModelLoadError, match="not found"):
         load_spec(str(tmp_path / "nope.safetensors"))
+
+
+def test_training_saves_keep_the_source_files_extra_keys(tiny_files, tmp_path, load_spec):
+    """As the reference: a model trained from a single file is written over the source's own
+    state dict, so EMA copies and other extras survive (unchanged, in their own dtype); the
+    .ckpt counters are added to the source's."""
+    state = load_file(tiny_files["sd1"]["safetensors"])
+    state["model_ema.decay"] = torch.tensor(0.9999)
+    state["model_ema.num_updates"] = torch.tensor(7, dtype=torch.int32)
+    source = tmp_path / "source.ckpt"
+    torch.save({"state_dict": state, "epoch": 2, "global_step": 100}, source)
+    bundle = load_spec(str(source))
+    kept = save_single_file(bundle, tmp_path / "kept.ckpt", keep_source_keys=True, global_step=5)
+    plain = save_single_file(bundle, tmp_path / "plain.safetensors", precision="fp16")
+    written = torch.load(kept, weights_only=True)
+    assert written["global_step"] == 105 and written["epoch"] == 2
+    assert torch.equal(written["state_dict"]["model_ema.decay"], torch.tensor(0.9999))
+    assert written["state_dict"]["model_ema.num_updates"].dtype == torch.int32
+    assert set(written["state_dict"]) == set(state)
+    assert "model_ema.decay" not in load_file(plain)

@@ -281,6 +281,11 @@ class OptimizerSection(Section):
     )
     lr_scheduler_num_cycles: int = Field(1, ge=1, description="restarts of cosine_with_restarts")
     lr_scheduler_power: float = Field(1.0, description="polynomial power")
+    fused_backward_pass: bool = Field(
+        False,
+        description="Adafactor only: update each weight and free its gradient during backward "
+        "(per-weight clipping; no gradient accumulation)",
+    )
 
 
 class SavingSection(Section):

@@ -143,6 +143,11 @@ class Trainer:
         self.params = [p for g in self.groups for p in g.params]
         self.built = build_optimizer(self.groups, self.sections.optimizer)
         self.optimizer = self.built.optimizer
+        self.fused = None
+        if self.sections.optimizer.fused_backward_pass:
+            from sdtrain.engine.fused_backward import FusedBackward
+
+            self.fused = FusedBackward(self.optimizer, training.max_grad_norm)
         self.scheduler = build_lr_scheduler(
             self.optimizer, self.sections.optimizer, self.steps.total_steps
         )
@@ -415,6 +420,8 @@ class Trainer:
         """Clip, check gradients, step. False (and no update) when gradients are not finite."""
         import torch
 
+        if self.fused is not None:  # every weight was updated during backward
+            return self.fused.take_finite()
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         max_norm = self.sections.training.max_grad_norm

@@ -101,6 +101,49 @@ def ldm_state_dict(bundle: ModelBundle, precision: str | None = None) -> dict[st
     return _cast(state, resolve_precision(precision))
 
 
+def source_extra_tensors(bundle: ModelBundle, written: set[str]) -> dict[str, torch.Tensor]:
+    """Tensors of the single source file that `written` does not replace (EMA copies, ...).
+
+    The reference saves a model trained from a single file by updating the source's own state
+    dict, so such keys survive in the output; they are read memory-mapped and written unchanged
+    (in their own dtype: save_precision applies to the trained weights only).
+    """
+    source = bundle.source
+    if source.kind != "single_file" or not source.path or not Path(source.path).is_file():
+        return {}
+    from sdtrain.models.checkpoint_file import CheckpointFile
+
+    reader = CheckpointFile(source.path)
+    try:
+        extra = sorted(set(reader.keys()) - written)
+        tensors = reader.get(extra) if extra else {}
+    finally:
+        reader.close()
+    if extra:
+        log.info("keeping %d extra tensors of %s (e.g. %s)", len(extra), source.path, extra[0])
+    return {key: value.contiguous() for key, value in tensors.items()}
+
+
+def source_counters(bundle: ModelBundle) -> tuple[int, int]:
+    """(epoch, global_step) recorded in a .ckpt source file, else (0, 0)."""
+    source = bundle.source
+    if source.kind != "single_file" or not source.path:
+        return 0, 0
+    if Path(source.path).suffix.lower() not in (".ckpt", ".pt", ".pth"):
+        return 0, 0
+    from sdtrain.models.checkpoint_file import CheckpointFile
+
+    reader = CheckpointFile(source.path)
+    extras = dict(reader.extras)
+    reader.close()
+
+    def number(key: str) -> int:
+        value = extras.get(key)
+        return int(value) if isinstance(value, int) and not isinstance(value, bool) else 0
+
+    return number("epoch"), number("global_step")
+
+
 def _refuse_overwrite(path: Path, overwrite: bool) -> None:
     if path.exists() and not overwrite:
         raise ModelLoadError(
@@ -120,14 +163,18 @@ def save_single_file(
     epoch: int = 0,
     global_step: int = 0,
     overwrite: bool = False,
+    keep_source_keys: bool = False,
 ) -> Path:
     """Write `bundle` as an original-layout single file, atomically; returns the path.
 
     `.safetensors`: the state dict plus string metadata = modelspec keys (architecture, title,
     resolution, prediction type, ...; §9.3) updated by `metadata`, and the caller's resolved
     config under `sdtrain_config`. `.ckpt` / `.pt`: `{"state_dict", "epoch", "global_step"}`,
-    loadable with weights_only=True. Unlike the reference, the source file's EMA / extra keys are
-    not copied (they would not match the trained weights); SD2's extra OpenCLIP tensors are.
+    loadable with weights_only=True (tensors and ints only, no pickled objects); with
+    `keep_source_keys` the epoch / global_step of a .ckpt source are added, as the reference does.
+    `keep_source_keys` (training saves, as the reference): every tensor of the single source file
+    that the model does not write (EMA copies, ...) is carried over unchanged. Without it (model
+    conversion) only the model's own tensors are written; SD2's extra OpenCLIP tensors always are.
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -138,6 +185,10 @@ def save_single_file(
         )
     _refuse_overwrite(path, overwrite)
     state = ldm_state_dict(bundle, precision)
+    if keep_source_keys:
+        state.update(source_extra_tensors(bundle, set(state)))
+        base_epoch, base_step = source_counters(bundle)
+        epoch, global_step = epoch + base_epoch, global_step + base_step
     if suffix == ".safetensors":
         meta = modelspec_metadata(bundle.family, title=title or path.stem, clip_skip=clip_skip)
         meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
