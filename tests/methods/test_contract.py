@@ -31,6 +31,37 @@ def _reload_ti(files: list[Path], bundle: Any) -> Any:
     return bundle
 
 
+def _reload_full_model(files: list[Path], bundle: Any) -> Any:
+    """A full-model export is the whole model: load the saved single file on its own."""
+    from sdtrain.config.sections import ModelSection
+    from sdtrain.models.load import load_bundle
+
+    (model,) = [p for p in files if "-ema" not in p.name]
+    return load_bundle(ModelSection(pretrained_model_name_or_path=str(model)))
+
+
+def _finetune_tables(tables: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The battery's images as a fine-tune (metadata) dataset: meta.json beside them."""
+    import json
+
+    folder = Path(tables["dataset"]["train_data_dir"]) / "1_cat"
+    meta = {
+        image.name: {"caption": image.with_suffix(".caption").read_text(), "tags": "cat"}
+        for image in sorted(folder.glob("*.png"))
+    }
+    (folder / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+    tables["dataset"] = {
+        "train_data_dir": str(folder),
+        "in_json": str(folder / "meta.json"),
+        "resolution": 64,
+    }
+    return tables
+
+
+def _unet_or_text_encoder(key: str, tensor: Any) -> bool:
+    return key.startswith(("unet.", "text_encoder.")) and not key.endswith("position_ids")
+
+
 CASES: list[MethodCase] = [
     MethodCase(
         name="lora",
@@ -48,6 +79,32 @@ CASES: list[MethodCase] = [
         captions=lambda i: f"a photo of zqtok, tag{i}",
         prompts=["a photo of zqtok", "zqtok tag1"],
         atol=0.0,
+    ),
+    # full U-Net + text encoder with its own LR; the text encoder stops after step 3, so the
+    # resume check (state at step 2) crosses the stop
+    MethodCase(
+        name="dreambooth",
+        tables={
+            "dreambooth": {
+                "learning_rate_te": 1e-3,
+                "stop_text_encoder_training": 3,
+                "save_model_as": "safetensors",
+            },
+            "optimizer": {"learning_rate": 1e-3},
+        },
+        trainable=_unet_or_text_encoder,
+        reload=_reload_full_model,
+    ),
+    # full U-Net only (text encoder frozen: it must not change), EMA deliverable, .ckpt file
+    MethodCase(
+        name="finetune",
+        tables={
+            "finetune": {"save_model_as": "ckpt", "ema_decay": 0.5, "ema_save": "deliverable"},
+            "optimizer": {"learning_rate": 1e-3},
+        },
+        trainable=lambda key, tensor: key.startswith("unet."),
+        reload=_reload_full_model,
+        config=_finetune_tables,
     ),
 ]
 BY_NAME = {case.name: case for case in CASES}

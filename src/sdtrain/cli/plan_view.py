@@ -206,6 +206,8 @@ def render_plan(console: Console, plan: Plan, verbose: bool = False) -> None:
         f"epochs: [bold]{steps.num_epochs}[/], total optimizer steps: "
         f"[bold]{steps.total_steps}[/] ({rule})"
     )
+    for note in plan.notes:
+        console.print(escape(note))
     invalid = plan.invalid_images()
     if invalid:
         fate = (

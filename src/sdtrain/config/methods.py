@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from sdtrain.config.base import Section, path_field
 
@@ -94,6 +94,97 @@ class TextualInversionSection(Section):
         if self.xti and (self.save_model_as != "safetensors" or self.a1111_format):
             raise ValueError("xti embeddings are written as safetensors only")
         return self
+
+
+SaveModelAs = Literal["ckpt", "safetensors", "diffusers", "diffusers_safetensors"]
+
+
+class FullModelSection(Section):
+    """Keys shared by the full-model methods (`train dreambooth`, `train finetune`)."""
+
+    learning_rate_te: float | None = Field(
+        None, ge=0.0, description="text-encoder learning rate (default: optimizer.learning_rate)"
+    )
+    save_model_as: SaveModelAs | None = Field(
+        None,
+        description="ckpt, safetensors, diffusers or diffusers_safetensors (default: ckpt for a "
+        "single-file source, diffusers otherwise; safetensors variants with use_safetensors)",
+    )
+    use_safetensors: bool = Field(
+        False, description="with save_model_as unset: .safetensors / safe diffusers weights"
+    )
+    ema_decay: float | None = Field(
+        None, gt=0.0, lt=1.0, description="keep EMA weights with this decay (e.g. 0.9999)"
+    )
+    ema_on_cpu: bool = Field(True, description="keep the EMA weights in CPU memory")
+    ema_save: Literal["beside", "deliverable"] = Field(
+        "beside",
+        description="beside: also write <name>-ema; deliverable: the saved model is the EMA",
+    )
+
+
+class DreamBoothSection(FullModelSection):
+    """[dreambooth]: `sdtrain train dreambooth` (the reference's train_db)."""
+
+    train_text_encoder: bool = Field(True, description="train the text encoder too")
+    stop_text_encoder_training: int | None = Field(
+        None,
+        ge=-1,
+        description="freeze the text encoder from this optimizer step on (-1: never train it)",
+    )
+    no_token_padding: bool = Field(
+        False, description="reference option with no effect there; refused when true"
+    )
+    class_prompt: str | None = Field(
+        None, description="prompt of generated class (regularization) images"
+    )
+    class_data_dir: str | None = path_field(
+        None, "folder of the class images (a regularization subset's image_dir)"
+    )
+    num_class_images: int | None = Field(
+        None, ge=1, description="fill class_data_dir up to this many generated class images"
+    )
+    class_sample_steps: int = Field(30, ge=1, description="sampler steps per class image")
+    class_guidance_scale: float = Field(7.5, ge=0.0, description="CFG scale of class images")
+    class_sampler: str = Field("ddim", description="sampler of class images")
+    class_resolution: int | None = Field(
+        None, ge=8, description="class image side (default: the model's resolution)"
+    )
+    class_seed: int = Field(0, description="seed of class image i is derived from (seed, i)")
+
+    @field_validator("no_token_padding")
+    @classmethod
+    def _no_token_padding(cls, value: bool) -> bool:
+        if value:
+            raise ValueError(
+                "no_token_padding has no effect in the reference toolkit (nothing reads it) and "
+                "sdtrain does not emulate it; remove it (captions are padded to 77 tokens)"
+            )
+        return value
+
+    @field_validator("num_class_images")
+    @classmethod
+    def _class_images(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None:
+            if not info.data.get("class_prompt"):
+                raise ValueError("num_class_images needs class_prompt (what to generate)")
+            if not info.data.get("class_data_dir"):
+                raise ValueError(
+                    "num_class_images needs class_data_dir (the regularization image folder)"
+                )
+        return value
+
+    @model_validator(mode="after")
+    def _te_flag(self) -> DreamBoothSection:
+        if self.stop_text_encoder_training == -1:
+            self.train_text_encoder = False
+        return self
+
+
+class FinetuneSection(FullModelSection):
+    """[finetune]: `sdtrain train finetune` (the reference's fine_tune)."""
+
+    train_text_encoder: bool = Field(False, description="train the text encoder too")
 
 
 # table name -> the subcommand it belongs to (every method the product will have; a table is

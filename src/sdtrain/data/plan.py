@@ -71,6 +71,7 @@ class Plan:
     source: str = ""
     skip_invalid_images: bool = False
     warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # run facts shown with the totals
 
     @property
     def batches_per_epoch(self) -> int:

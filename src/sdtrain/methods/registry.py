@@ -94,6 +94,18 @@ Everyday options (any key of the run schema works as --key value;
 Captions must contain T (or use a template flag); T becomes "T T1 ...".
 """
 
+_FULL_USAGE = """
+Everyday options (any key of the run schema works as --key value;
+--help-config lists them all):
+  --pretrained_model_name_or_path PATH   --output_dir DIR
+  --output_name NAME   --max_train_steps N   --train_batch_size N
+  --learning_rate LR   --learning_rate_te LR   --save_precision fp16
+  --save_model_as ckpt|safetensors|diffusers|diffusers_safetensors
+  --gradient_checkpointing   --mixed_precision bf16
+  --optimizer_type Adafactor   --fused_backward_pass   --ema_decay 0.999
+  --cache_latents   --save_state   --resume PATH|auto
+"""
+
 METHODS: dict[str, MethodEntry] = {
     entry.name: entry
     for entry in (
@@ -114,6 +126,26 @@ METHODS: dict[str, MethodEntry] = {
             builder="sdtrain.methods.ti:build",
             dropout=False,
             usage=_TI_USAGE,
+        ),
+        MethodEntry(
+            name="dreambooth",
+            summary="Full DreamBooth (U-Net + text encoder): "
+            "sdtrain train dreambooth RUN.toml [--key value ...]",
+            table="dreambooth",
+            section_ref="sdtrain.config.methods:DreamBoothSection",
+            builder="sdtrain.methods.dreambooth:build",
+            finetune=False,
+            usage=_FULL_USAGE,
+        ),
+        MethodEntry(
+            name="finetune",
+            summary="Full fine-tune on metadata captions: "
+            "sdtrain train finetune RUN.toml [--key value ...]",
+            table="finetune",
+            section_ref="sdtrain.config.methods:FinetuneSection",
+            builder="sdtrain.methods.finetune:build",
+            dreambooth=False,
+            usage=_FULL_USAGE,
         ),
     )
 }

@@ -69,6 +69,7 @@ def prepare(loaded: LoadedConfig, command: str, write_caches: bool = False) -> P
     from sdtrain.data.plan import plan_for_run
     from sdtrain.engine.fused_backward import check_fused_backward
     from sdtrain.engine.resume import check_resume_config, data_fingerprint, resolve_resume
+    from sdtrain.run.full_checks import check_full_model_run
     from sdtrain.run.lock import check_run_folder_free
 
     _require(loaded)
@@ -79,7 +80,11 @@ def prepare(loaded: LoadedConfig, command: str, write_caches: bool = False) -> P
     from sdtrain.run.checks import check_before_load
 
     check_before_load(loaded, plan)
+    check_full_model_run(loaded, command, plan)
     plan.require_valid()  # invalid images / nothing to train: the dry run says so too
+    class_images = _class_image_plan(loaded, command)
+    if class_images is not None:
+        plan.notes.append(class_images.describe())
     resume_folder = resolve_resume(cfg.saving, Path(str(cfg.training.output_dir)))
     seed = cfg.training.seed
     if seed is None and resume_folder is not None:
@@ -110,6 +115,36 @@ def prepare(loaded: LoadedConfig, command: str, write_caches: bool = False) -> P
             load_state_config(resume_folder), state_config, cfg.saving.resume_allow_changes
         )
     return Prepared(loaded, command, plan, seed, resume_folder, state_config)
+
+
+def _class_image_plan(loaded: LoadedConfig, command: str) -> Any:
+    """DreamBooth class images to generate before training (None for other runs)."""
+    if command != "dreambooth":
+        return None
+    from sdtrain.tools.class_images import plan_class_images
+
+    return plan_class_images(loaded.config.dreambooth)  # type: ignore[attr-defined]
+
+
+def _fill_class_images(prepared: Prepared, bundle: ModelBundle) -> None:
+    """Generate missing class images with the loaded base model, then re-plan the data."""
+    from sdtrain.data.plan import plan_for_run
+    from sdtrain.engine.resume import data_fingerprint
+    from sdtrain.tools.class_images import fill_class_images
+
+    plan = _class_image_plan(prepared.loaded, prepared.command)
+    if plan is None or not plan.indices:
+        return
+    cfg = prepared.loaded.config
+    section = cfg.dreambooth  # type: ignore[attr-defined]
+    fill_class_images(bundle, section, plan, cfg.model.clip_skip)
+    prepared.plan = plan_for_run(prepared.loaded, write_caches=True)
+    prepared.plan.require_valid()
+    steps = prepared.plan.steps
+    if steps is not None:
+        prepared.state_config["data"] = data_fingerprint(
+            prepared.plan.datasets, steps.batches_per_epoch
+        )
 
 
 def _data(prepared: Prepared, bundle: ModelBundle, precision_vae: Any) -> Any:
@@ -201,6 +236,9 @@ def _execute(prepared: Prepared, resume_hint: str) -> TrainResult:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = precision_for(cfg.training, cfg.model.no_half_vae, device.type)
     bundle = load_bundle(cfg.model, device=device)
+    _fill_class_images(prepared, bundle)
+    steps = prepared.plan.steps
+    assert steps is not None
     text = resolved_toml(cfg)
     output_dir.mkdir(parents=True, exist_ok=True)
     write_text(output_dir / "config.toml", text)
