@@ -57,7 +57,13 @@ def test_help_config_keeps_every_key_and_table_whole_at_80_columns():
         ),
         (("model", "convert", "--help"), ["--v-parameterization, --v_parameterization"]),
         (("--help",), ["--verbose", "--quiet"]),
-        (("train", "--help"), ["lora  Train a kohya-compatible LoRA\n"]),
+        (
+            ("train", "--help"),
+            [
+                "Train a kohya-compatible LoRA\n",
+                "dreambooth  Full DreamBooth (U-Net + text encoder)\n",
+            ],
+        ),
         (("train", "lora", "--help"), ["    --resume PATH|auto\n"]),  # the epilog's own layout
     ],
 )
