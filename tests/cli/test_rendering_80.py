@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from sdtrain.config.schema_index import index_schema
-from sdtrain.methods.registry import command_schema
+from sdtrain.methods.registry import METHODS, command_schema
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = ROOT / "configs" / "examples" / "quickstart.toml"
@@ -32,14 +32,21 @@ def sdtrain(*args: str) -> str:
     return done.stdout + done.stderr
 
 
-def test_help_config_keeps_every_key_and_table_whole_at_80_columns():
-    text = sdtrain("train", "lora", "--help-config")
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_help_config_keeps_every_key_and_table_whole_at_80_columns(method):
+    text = sdtrain("train", method, "--help-config")
     lines = text.splitlines()
     assert all(len(line) <= 80 for line in lines), max(lines, key=len)
     assert "…" not in text
-    for table in ("[model]", "[dataset]", "[training]", "[optimizer]", "[network]", "[logging]"):
+    for table in (
+        "[model]",
+        "[dataset]",
+        "[training]",
+        "[optimizer]",
+        f"[{METHODS[method].table}]",
+    ):
         assert table in lines, table
-    for name, info in index_schema(command_schema("lora").model).items():
+    for name, info in index_schema(command_schema(method).model).items():
         assert f"  {name}  [{info.table}]  " in text, name  # one greppable line per key
 
 
