@@ -9,7 +9,8 @@ autocast; latents from a cache (or a VAE encode per step); DDPM noise; MSE loss 
 grad clipping at 1.0; torch AdamW with its defaults; zero_grad. Runs with the process's default
 allocator (no tunables) and torch's default thread count. peft's input upcast to the LoRA dtype
 is switched off because the reference's own LoRA module does not do it (it would only slow the
-baseline down and flatter sdtrain). Writes step timestamps and peak RSS to OUT.json.
+baseline down and flatter sdtrain). Saves the LoRA weights (OUT.json.lora.safetensors, as
+sdtrain saves its LoRA) and writes step timestamps and peak RSS to OUT.json.
 """
 
 from __future__ import annotations
@@ -102,16 +103,31 @@ def main() -> None:
         stamps.append(time.perf_counter())
         cpu.append(time.process_time())
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    lora = {f"unet.{k}": v for k, v in get_peft_model_state_dict(unet).items()}
+    lora.update({f"te.{k}": v for k, v in get_peft_model_state_dict(text_encoder).items()})
+    save_file({k: v.detach().contiguous() for k, v in lora.items()}, out + ".lora.safetensors")
     result = {
         "stamps": stamps,
         "cpu_stamps": cpu,
         "fault_stamps": faults,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mib": _peak_mib(),
         "lora_modules": {"unet": len(unet_targets), "te": len(te_targets)},
         "threads": torch.get_num_threads(),
     }
     with open(out, "w", encoding="utf-8") as handle:
         json.dump(result, handle)
+
+
+def _peak_mib() -> float:
+    """VmHWM (peak RSS of this process image; ru_maxrss would include the forking parent's)."""
+    with open("/proc/self/status", encoding="ascii") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def _scheduler_dir():

@@ -5,6 +5,8 @@ Every case runs in a fresh subprocess (peak RSS is per process):
   step timestamps), on generated images and a generated run TOML; the allocator re-exec happens
   as for a user.
 * sdtrain-noreexec: the same with SDTRAIN_NO_REEXEC=1 (the allocator lever off), for A/B.
+* sdtrain-fp32load: the same with SDTRAIN_FROZEN_HALF=0 (a half model file up-cast to fp32 at
+  load instead of kept half and up-cast per layer), for A/B.
 * baseline: benchmarks/baseline_child.py, the reference-equivalent loop (default allocator).
 * baseline-alloc: the baseline under the allocator environment sdtrain would choose.
 
@@ -72,10 +74,15 @@ def _allocator_env() -> dict[str, str]:
     return allocator_env(dict(os.environ)) or {}
 
 
+def _pythonpath(env: dict[str, str]) -> str:
+    """benchmarks/ first, then the caller's PYTHONPATH (a worktree's src/ must stay on it)."""
+    return os.pathsep.join(p for p in (str(HERE), env.get("PYTHONPATH", "")) if p)
+
+
 def _run_child(args: list[str], env: dict[str, str], timeout: float) -> tuple[dict, float]:
     with tempfile.TemporaryDirectory(prefix="sdtrain-bench-") as tmp:
         result = Path(tmp) / "result.json"
-        env = {**env, "SDTRAIN_BENCH_RESULT": str(result), "PYTHONPATH": str(HERE)}
+        env = {**env, "SDTRAIN_BENCH_RESULT": str(result), "PYTHONPATH": _pythonpath(env)}
         started = time.perf_counter()
         proc = subprocess.run(
             [sys.executable, *args],
@@ -102,6 +109,8 @@ def run_variant(variant: str, case: dict, work: Path, spec: str, steps: int, war
     if variant.startswith("sdtrain"):
         if variant == "sdtrain-noreexec":
             env["SDTRAIN_NO_REEXEC"] = "1"
+        if variant == "sdtrain-fp32load":
+            env["SDTRAIN_FROZEN_HALF"] = "0"
         if case.get("profile"):
             env["SDTRAIN_BENCH_PROFILE"] = f"{warmup},{steps - warmup}"
         out = Path(tempfile.mkdtemp(prefix="out-", dir=work))
@@ -140,7 +149,7 @@ def run_variant(variant: str, case: dict, work: Path, spec: str, steps: int, war
 
 def _run_baseline(args: list[str], env: dict[str, str]) -> tuple[dict, float]:
     out = Path(args[-1])
-    env = {**env, "PYTHONPATH": str(HERE)}
+    env = {**env, "PYTHONPATH": _pythonpath(env)}
     started = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, *args], env=env, capture_output=True, text=True, check=False
@@ -150,6 +159,7 @@ def _run_baseline(args: list[str], env: dict[str, str]) -> tuple[dict, float]:
         raise RuntimeError(f"baseline failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     result = json.loads(out.read_text())
     out.unlink()
+    Path(str(out) + ".lora.safetensors").unlink(missing_ok=True)
     return result, wall
 
 
@@ -182,7 +192,7 @@ def _summary(runs: list[dict]) -> dict:
 def bench_case(case: dict, variants: list[str], work: Path, cache: Path, repeat: int) -> dict:
     """All variants of one case, interleaved `repeat` times; summaries and sdtrain/baseline."""
     warmup, timed = case.pop("warmup"), case.pop("timed")
-    spec = model_spec(case["model"], cache)
+    spec = model_spec(case["model"], cache, case.pop("file_dtype", "fp32"))
     runs: dict[str, list[dict]] = {v: [] for v in variants}
     for _ in range(repeat):
         for variant in variants:
@@ -212,6 +222,9 @@ def main() -> None:
     parser.add_argument("--latents", default="cached,uncached")
     parser.add_argument("--full-latents", default="cached", help="latent modes for full")
     parser.add_argument("--variants", default="sdtrain,baseline")
+    parser.add_argument(
+        "--full-dtype", default="fp16", choices=["fp16", "fp32"], help="full model's file dtype"
+    )
     parser.add_argument("--repeat", type=int, default=1, help="alternating repeats per case")
     parser.add_argument("--steps", type=int, help="timed steps (default: 10, full 5)")
     parser.add_argument("--warmup", type=int, help="warm-up steps (default: 3, full 2)")
@@ -267,6 +280,8 @@ def main() -> None:
                         "warmup": args.warmup or warmup,
                         "timed": args.steps or timed,
                     }
+                    if model == "full":
+                        case["file_dtype"] = args.full_dtype
                     report["cases"].append(bench_case(case, variants, work, cache, args.repeat))
         if not args.no_profile:
             case = {

@@ -73,7 +73,61 @@ def _overhead(prof) -> dict:
     }
 
 
+def _status_mib(field: str) -> float:
+    """A /proc/self/status memory field in MiB (VmRSS now, VmHWM peak of this process image).
+
+    VmHWM, not getrusage's ru_maxrss: ru_maxrss survives exec, so a child forked from a large
+    parent (or the allocator re-exec) would report the parent's size as its own peak.
+    """
+    with open("/proc/self/status", encoding="ascii") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _rss_mib() -> float:
+    return _status_mib("VmRSS")
+
+
+def _peak_mib() -> float:
+    return _status_mib("VmHWM")
+
+
+def _mark(phases: list[dict], name: str, started: float) -> None:
+    """Record the current and peak RSS (MiB) at the end of phase `name`."""
+    phases.append(
+        {
+            "phase": name,
+            "t_s": round(time.perf_counter() - started, 2),
+            "rss_mib": round(_rss_mib(), 1),
+            "peak_mib": round(_peak_mib(), 1),
+        }
+    )
+
+
+def _phase_hooks(phases: list[dict], started: float) -> None:
+    """Wrap load_bundle, latent caching, engine setup and export to mark the phase ends."""
+    from sdtrain.engine import latents, loop
+    from sdtrain.models import load
+
+    def wrap(owner, attr: str, name: str) -> None:
+        original = getattr(owner, attr)
+
+        def wrapper(*args, **kwargs):
+            out = original(*args, **kwargs)
+            _mark(phases, name, started)
+            return out
+
+        setattr(owner, attr, wrapper)
+
+    wrap(load, "load_bundle", "load")
+    wrap(latents, "fill_store", "cache_latents")
+    wrap(loop.Trainer, "_save", "save")
+
+
 def main() -> None:
+    started = time.perf_counter()
     result_path = os.environ["SDTRAIN_BENCH_RESULT"]
     profile = os.environ.get("SDTRAIN_BENCH_PROFILE")
     from sdtrain.engine import loop
@@ -83,12 +137,17 @@ def main() -> None:
     faults: list[int] = []  # minor page faults: what a poor allocator setting costs
     info: dict = {}
     state: dict = {}
+    phases: list[dict] = []
+    _mark(phases, "start", started)
+    _phase_hooks(phases, started)
 
     original_events = loop.Trainer._after_step_events
     original_setup = loop.Trainer._setup
 
     def after_step(self, counters):
         stamps.append(time.perf_counter())
+        if len(stamps) <= 2:
+            _mark(phases, f"step{len(stamps)}", started)
         cpu.append(time.process_time())
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
         if "prof" in state:
@@ -97,6 +156,7 @@ def main() -> None:
 
     def setup(self):
         original_setup(self)
+        _mark(phases, "setup", started)
         import torch
 
         info["fused_adamw"] = bool(self.optimizer.defaults.get("fused"))
@@ -107,6 +167,9 @@ def main() -> None:
                 dtypes[kind] = dtypes.get(kind, 0) + p.numel()
         info["param_dtypes"] = dtypes
         info["threads"] = torch.get_num_threads()
+        import sdtrain
+
+        info["sdtrain"] = sdtrain.__file__
         if profile:
             warmup, active = (int(v) for v in profile.split(","))
             _label_module(self.bundle.unet, "unet.forward")
@@ -132,9 +195,16 @@ def main() -> None:
     def write() -> None:
         if "prof" in state:
             state["prof"].__exit__(None, None, None)
-        own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        own = _peak_mib()
         children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        _mark(phases, "exit", started)
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+            info["peak_vram_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            info["peak_vram_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
         result = {
+            "phases": phases,
+            "process_s": round(time.perf_counter() - started, 2),
             "stamps": stamps,
             "cpu_stamps": cpu,
             "fault_stamps": faults,

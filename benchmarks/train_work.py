@@ -91,17 +91,28 @@ def _full_components():
     return unet, vae, text
 
 
-def model_spec(preset: str, cache: Path) -> str:
-    """The pretrained_model_name_or_path for `preset`; builds its folder in `cache` once."""
+def model_spec(preset: str, cache: Path, file_dtype: str = "fp32") -> str:
+    """The pretrained_model_name_or_path for `preset`; builds its folder in `cache` once.
+
+    file_dtype fp16 writes the weights in float16 (as most shared SD1.5 files are): both
+    sides load the same values; sdtrain may keep them half (engine/halfweights.py).
+    """
     if preset == "tiny":
         return "builtin:tiny-sd1"
-    folder = cache / f"{preset}-sd1"
+    folder = (
+        cache / f"{preset}-sd1" if file_dtype == "fp32" else cache / f"{preset}-sd1-{file_dtype}"
+    )
     if (folder / "done").is_file():
         return str(folder)
     if folder.exists():
         shutil.rmtree(folder)
     unet, vae, text = _small_components() if preset == "small" else _full_components()
     folder.mkdir(parents=True)
+    if file_dtype == "fp16":
+        import torch
+
+        for module in (unet, vae, text):
+            torch.nn.Module.to(module, dtype=torch.float16)
     unet.save_pretrained(folder / "unet")
     vae.save_pretrained(folder / "vae")
     text.save_pretrained(folder / "text_encoder")

@@ -57,10 +57,19 @@ def precision_for(section: TrainingSection, no_half_vae: bool, device_type: str)
 
 
 def apply_precision(modules: list[torch.nn.Module], precision: Precision) -> None:
-    """Cast frozen parameters to the weight dtype and trainable ones to the trainable dtype."""
+    """Cast frozen parameters to the weight dtype and trainable ones to the trainable dtype.
+
+    Without autocast, frozen float16/bf16 parameters of a module loaded with `keep_half`
+    (`sdtrain_frozen_half`) stay half: engine/halfweights.py up-casts them per layer.
+    """
+    import torch
+
     for module in modules:
+        keep = not precision.autocast and getattr(module, "sdtrain_frozen_half", False)
         for param in module.parameters():
             target = precision.trainable if param.requires_grad else precision.weight
+            if keep and not param.requires_grad and param.dtype in (torch.float16, torch.bfloat16):
+                continue
             if param.dtype != target:
                 param.data = param.data.to(target)
         for name, buf in module.named_buffers():

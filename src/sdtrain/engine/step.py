@@ -28,12 +28,16 @@ class StepContext:
     device: torch.device
     # peft layers whose redundant fp32 input cast is switched off inside the autocast forward
     uncast: list[Any] = field(init=False, default_factory=list)
+    # frozen weights kept in the file's half precision, up-cast per layer (engine/halfweights.py)
+    upcast: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
+        from sdtrain.engine.halfweights import has_frozen_half
         from sdtrain.engine.precision import redundant_input_casts
 
         modules = [self.bundle.unet, self.bundle.text_encoder]
         self.uncast = redundant_input_casts(modules, self.precision)
+        self.upcast = not self.precision.autocast and has_frozen_half(modules)
 
 
 def encode_latents(ctx: StepContext, batch: Batch, generator: torch.Generator) -> torch.Tensor:
@@ -67,6 +71,7 @@ def micro_step_loss(
     validation loss); None draws them."""
     import torch
 
+    from sdtrain.engine.halfweights import upcast_half_weights
     from sdtrain.engine.precision import input_casts_off
 
     latents = encode_latents(ctx, batch, generator)
@@ -82,6 +87,7 @@ def micro_step_loss(
     with (
         torch.autocast(ctx.device.type, dtype=ctx.precision.weight, enabled=ctx.precision.autocast),
         input_casts_off(ctx.uncast),
+        upcast_half_weights(ctx.upcast),
     ):
         cond = ctx.method.condition(ctx.bundle, batch, step)
         pred = ctx.bundle.family.predict(

@@ -53,6 +53,8 @@ class LoraMethod:
     """
 
     name = "lora"
+    export_needs_vae = False  # a LoRA file holds only the adapters (the VAE can be released)
+    frozen_half_ok = True  # the frozen base may stay in the file's half precision (fp32 runs)
 
     def __init__(
         self,

@@ -39,6 +39,73 @@ def _check_loading_info(info: dict, what: str, folder: Path) -> None:
         )
 
 
+WEIGHT_NAMES = {
+    "unet": "diffusion_pytorch_model",
+    "vae": "diffusion_pytorch_model",
+    "text_encoder": "model",
+}
+
+
+def _safetensors_files(sub: Path, name: str) -> list[Path] | None:
+    """The component's safetensors file(s) (single or sharded with an index), else None."""
+    stem = WEIGHT_NAMES[name]
+    single = sub / f"{stem}.safetensors"
+    if single.is_file():
+        return [single]
+    index = sub / f"{stem}.safetensors.index.json"
+    if not index.is_file():
+        return None
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    files = [sub / shard for shard in sorted(set(weight_map.values()))]
+    return files if all(f.is_file() for f in files) else None
+
+
+def _build_empty(sub: Path, name: str):
+    """The component's module from its config.json, parameters on the meta device."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from sdtrain.models.stream import empty_module
+
+    with empty_module():
+        if name == "text_encoder":
+            return CLIPTextModel(CLIPTextConfig.from_pretrained(str(sub)))
+        cls = UNet2DConditionModel if name == "unet" else AutoencoderKL
+        return cls.from_config(cls.load_config(str(sub)))
+
+
+def _stream_component(sub: Path, name: str, dtype: torch.dtype | None):
+    """Build on the meta device and stream the weights in (models/stream.py); None when the
+    folder is not a plain safetensors layout that covers every weight (the library loads it)."""
+    from sdtrain.models.stream import stream_into
+
+    files = _safetensors_files(sub, name)
+    if files is None:
+        return None
+    try:
+        model = _build_empty(sub, name)
+        prefixes = ("text_model.",) if name == "text_encoder" else ()
+        missing = stream_into(model, files, dtype, prefixes)
+    except (ValueError, OSError, KeyError) as error:
+        log.debug("streaming %s failed (%s); loading through the library", sub, error)
+        return None
+    if missing:
+        log.debug(
+            "%s lacks %d weights for streaming; loading through the library", sub, len(missing)
+        )
+        return None
+    # what from_pretrained records, so configs (and anything saved from them) stay the same
+    if name == "text_encoder":
+        model.config._name_or_path = str(sub)
+        model.config.dtype = next(model.parameters()).dtype
+    else:
+        model.register_to_config(_name_or_path=str(sub))
+    return model.eval()
+
+
 def _load_component(folder: Path, name: str, dtype: torch.dtype | None):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
@@ -51,6 +118,9 @@ def _load_component(folder: Path, name: str, dtype: torch.dtype | None):
             f"{folder} has no {name}/config.json",
             hint="a diffusers model folder needs unet/, vae/ and text_encoder/ subfolders",
         )
+    streamed = _stream_component(sub, name, dtype)
+    if streamed is not None:
+        return streamed
     kwargs = {"local_files_only": True, "output_loading_info": True}
     if dtype is not None:  # transformers 5 renamed torch_dtype to dtype; diffusers did not
         kwargs["dtype" if name == "text_encoder" else "torch_dtype"] = dtype

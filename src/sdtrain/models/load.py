@@ -97,16 +97,22 @@ def move_module(module: torch.nn.Module, device: torch.device, dtype: torch.dtyp
     torch.nn.Module.to(module, device=device, dtype=dtype)
 
 
+HALF = (torch.float16, torch.bfloat16)
+
+
 def load_bundle(
     section: ModelSection,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    keep_half: bool = False,
 ) -> ModelBundle:
     """Load the base model of `section` onto `device` in `dtype`, offline.
 
     The VAE stays float32 with `no_half_vae`. `vae` replaces the model's VAE; `attention`
     selects SDPA (default), xformers (CUDA + the `xformers` extra) or memory-efficient SDPA.
     Models are returned in eval mode; freezing and training modes are the methods' business.
+    keep_half: a UNet / text encoder whose file is float16 or bf16 stays in that dtype (marked
+    `sdtrain_frozen_half`; engine/halfweights.py computes with it in fp32, bit-identically).
     """
     spec = section.pretrained_model_name_or_path
     if not spec:
@@ -121,7 +127,8 @@ def load_bundle(
         )
     device = torch.device(device)
     vae_dtype = torch.float32 if section.no_half_vae else dtype
-    dtypes = {"unet": dtype, "text_encoder": dtype, "vae": vae_dtype}
+    weights = None if keep_half else dtype  # None: the file's own dtype
+    dtypes = {"unet": weights, "text_encoder": weights, "vae": vae_dtype}
     bundle = _load_base(section, spec, dtypes)
     if section.vae:
         from sdtrain.models.vae import load_vae
@@ -129,8 +136,11 @@ def load_bundle(
         log.info("replacing the VAE with %s", section.vae)
         bundle.vae = load_vae(section.vae, bundle.vae)
         bundle.source.vae_spec = section.vae
-    move_module(bundle.unet, device, dtype)
-    move_module(bundle.text_encoder, device, dtype)
+    for module in (bundle.unet, bundle.text_encoder):
+        first = next(module.parameters(), None)
+        half = keep_half and first is not None and first.dtype in HALF
+        move_module(module, device, first.dtype if half else dtype)
+        module.sdtrain_frozen_half = half  # type: ignore[assignment]
     move_module(bundle.vae, device, vae_dtype)
     apply_attention([bundle.unet, bundle.vae], section.attention, device)
     return bundle

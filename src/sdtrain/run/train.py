@@ -199,6 +199,44 @@ def _data(prepared: Prepared, bundle: ModelBundle, precision_vae: Any) -> Any:
     return data
 
 
+FROZEN_HALF_ENV = "SDTRAIN_FROZEN_HALF"  # "0": up-cast a half model file at load (A/B switch)
+
+
+def _keep_half(cfg: Any, method: Any, precision: Any) -> bool:
+    """Keep a float16/bf16 file's frozen weights half in fp32 training (engine/halfweights.py).
+
+    Only without autocast (with it, frozen weights live in the compute dtype anyway), for
+    methods that declare it safe (their export never reads the frozen base), and without
+    sampling during training (diffusers' pipelines pick their dtype from the UNet's weights).
+    """
+    return (
+        not precision.autocast
+        and bool(getattr(method, "frozen_half_ok", False))
+        and not cfg.sample.sample_prompts
+        and os.environ.get(FROZEN_HALF_ENV, "1") != "0"
+    )
+
+
+def _all_latents_cached(data: Any) -> bool:
+    """True when every sample (and its flipped twin under flip_aug) has a cached latent."""
+    for index, (plan, samples) in enumerate(zip(data.datasets, data.samples, strict=True)):
+        for ref in samples:
+            subset = plan.subsets[ref.subset]
+            for flip in (False, True) if subset.params.get("flip_aug") else (False,):
+                if (index, ref.subset, ref.image, flip) not in data.latent_keys:
+                    return False
+    return True
+
+
+def _release_vae(bundle: ModelBundle, data: Any) -> None:
+    """Free the VAE's weights: every latent is cached, nothing samples, the export needs none."""
+    if not _all_latents_cached(data):
+        return
+    from sdtrain.models.release import release_weights
+
+    release_weights(bundle.vae, "the VAE", "every latent is cached and no samples are drawn")
+
+
 def execute(prepared: Prepared, resume_hint: str) -> TrainResult:
     """Hold the output folder's run lock (one run per folder), then load the model and train."""
     from sdtrain.run.lock import hold_run_folder
@@ -235,7 +273,11 @@ def _execute(prepared: Prepared, resume_hint: str) -> TrainResult:
     method = METHODS[prepared.command].build(cfg, prepared.plan)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = precision_for(cfg.training, cfg.model.no_half_vae, device.type)
-    bundle = load_bundle(cfg.model, device=device)
+    if precision.mixed_precision == "bf16" and device.type == "cpu":
+        from sdtrain.engine.cpu_bf16 import warn_if_emulated
+
+        warn_if_emulated()
+    bundle = load_bundle(cfg.model, device=device, keep_half=_keep_half(cfg, method, precision))
     _fill_class_images(prepared, bundle)
     steps = prepared.plan.steps
     assert steps is not None
@@ -265,6 +307,8 @@ def _execute(prepared: Prepared, resume_hint: str) -> TrainResult:
         if prompts
         else None
     )
+    if cfg.training.cache_latents and not prompts and not getattr(method, "export_needs_vae", True):
+        _release_vae(bundle, data)
     holder: dict[str, Any] = {}
 
     def metadata(step: int, epoch: int) -> dict[str, str]:
