@@ -68,6 +68,32 @@ def _per_step(stamps: list[float], cpu: list[float], faults: list[int], warmup: 
     }
 
 
+def _cpu_flags() -> dict:
+    """The CPU model, its SIMD / bf16 flags and torch's capability, for the report."""
+    import torch
+
+    from sdtrain.engine.cpu_bf16 import this_cpu
+
+    text = (
+        Path("/proc/cpuinfo").read_text(errors="replace") if Path("/proc/cpuinfo").is_file() else ""
+    )
+    model = next(
+        (ln.split(":", 1)[1].strip() for ln in text.splitlines() if "model name" in ln), ""
+    )
+    flags = next(
+        (ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []
+    )
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_vnni", "fma")
+    support = this_cpu()
+    return {
+        "model": model,
+        "flags": [f for f in wanted if f in flags],
+        "torch_capability": torch.backends.cpu.get_cpu_capability(),
+        "native_bf16": support.native,
+        "bf16_reason": support.reason,
+    }
+
+
 def _allocator_env() -> dict[str, str]:
     from sdtrain.cli.allocator import allocator_env
 
@@ -185,11 +211,37 @@ def _summary(runs: list[dict]) -> dict:
         "cpu_s_per_step": median("cpu_s_per_step"),
         "minor_faults_per_step": median("minor_faults_per_step"),
         "peak_rss_mib": median("peak_rss_mib"),
+        "process_wall_s": median("wall_s"),
         "repeats": len(runs),
     }
 
 
-def bench_case(case: dict, variants: list[str], work: Path, cache: Path, repeat: int) -> dict:
+def _mfu(case: dict, summary: dict, peak: dict[str, float]) -> dict:
+    """Achieved GFLOP/s per variant (step FLOPs / median s per step) against the machine peak."""
+    from mfu import step_flops
+
+    gflop = step_flops(case["model"], case["resolution"]) / 1e9
+    kind = "bf16" if case["precision"] == "bf16" else "fp32"
+    ceiling = max(peak[f"matmul_{kind}"], peak[f"conv_{kind}"])
+    out: dict = {"gflop_per_step": round(gflop, 1), "peak_gflops": ceiling, "variants": {}}
+    for variant, s in summary.items():
+        if s["s_per_step"]:
+            achieved = gflop / s["s_per_step"]
+            out["variants"][variant] = {
+                "achieved_gflops": round(achieved, 1),
+                "mfu": round(achieved / ceiling, 3),
+            }
+    return out
+
+
+def bench_case(
+    case: dict,
+    variants: list[str],
+    work: Path,
+    cache: Path,
+    repeat: int,
+    peak: dict[str, float] | None = None,
+) -> dict:
     """All variants of one case, interleaved `repeat` times; summaries and sdtrain/baseline."""
     warmup, timed = case.pop("warmup"), case.pop("timed")
     spec = model_spec(case["model"], cache, case.pop("file_dtype", "fp32"))
@@ -200,6 +252,8 @@ def bench_case(case: dict, variants: list[str], work: Path, cache: Path, repeat:
             runs[variant].append(run_variant(variant, case, work, spec, warmup + timed, warmup))
     summary = {v: _summary(r) for v, r in runs.items()}
     record = {**case, "warmup_steps": warmup, "runs": runs, "summary": summary}
+    if peak:
+        record["mfu"] = _mfu(case, summary, peak)
     base = summary.get("baseline")
     if base and base["s_per_step"]:
         record["ratio_vs_baseline"] = {
@@ -207,11 +261,36 @@ def bench_case(case: dict, variants: list[str], work: Path, cache: Path, repeat:
                 "time": round(s["s_per_step"] / base["s_per_step"], 3),
                 "cpu_time": round(s["cpu_s_per_step"] / base["cpu_s_per_step"], 3),
                 "rss": round(s["peak_rss_mib"] / base["peak_rss_mib"], 3),
+                "process": round(s["process_wall_s"] / base["process_wall_s"], 3),
             }
             for v, s in summary.items()
             if v != "baseline" and s["s_per_step"]
         }
     return record
+
+
+def _print_summary(report: dict) -> None:
+    """Medians and ratios per case, one line per variant (stderr; the JSON goes to stdout)."""
+    for case in report["cases"]:
+        head = f"{case['model']} {case['resolution']}px {case['precision']} {case['latents']}"
+        print(f"== {head}", file=sys.stderr)
+        ratios = case.get("ratio_vs_baseline", {})
+        for variant, s in case["summary"].items():
+            line = (
+                f"  {variant:<17} {s['s_per_step'] or float('nan'):7.2f} s/step "
+                f"(cpu {s['cpu_s_per_step'] or float('nan'):6.2f})  "
+                f"peak {s['peak_rss_mib'] / 1024:5.2f} GiB  process {s['process_wall_s']:6.1f} s"
+            )
+            r = ratios.get(variant)
+            if r:
+                line += (
+                    f"  | x baseline: time {r['time']} cpu {r['cpu_time']} rss {r['rss']} "
+                    f"process {r['process']}"
+                )
+            mfu = case.get("mfu", {}).get("variants", {}).get(variant)
+            if mfu:
+                line += f"  | {mfu['achieved_gflops']} GFLOP/s, MFU {mfu['mfu']:.0%}"
+            print(line, file=sys.stderr)
 
 
 def main() -> None:
@@ -233,6 +312,7 @@ def main() -> None:
     )
     parser.add_argument("--no-profile", action="store_true", help="skip the engine profile")
     parser.add_argument("--no-cli", action="store_true", help="skip the CLI start time")
+    parser.add_argument("--no-mfu", action="store_true", help="skip FLOP counts and the peak")
     parser.add_argument("--model-cache", help="keep generated model folders here (reused)")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
@@ -257,6 +337,12 @@ def main() -> None:
 
     report["machine"]["torch"] = torch.__version__
     report["machine"]["torch_threads"] = torch.get_num_threads()
+    report["machine"]["cpu_flags"] = _cpu_flags()
+    peak = None
+    if not args.no_mfu:
+        from mfu import machine_peak
+
+        peak = report["machine"]["peak_gflops_start"] = machine_peak()
     with tempfile.TemporaryDirectory(prefix="sdtrain-bench-") as tmp:
         work = Path(tmp)
         cache = Path(args.model_cache) if args.model_cache else work / "models"
@@ -282,7 +368,9 @@ def main() -> None:
                     }
                     if model == "full":
                         case["file_dtype"] = args.full_dtype
-                    report["cases"].append(bench_case(case, variants, work, cache, args.repeat))
+                    report["cases"].append(
+                        bench_case(case, variants, work, cache, args.repeat, peak)
+                    )
         if not args.no_profile:
             case = {
                 "model": "small",
@@ -300,6 +388,11 @@ def main() -> None:
                 "target_share": 0.10,
             }
     report["machine"]["loadavg_end"] = os.getloadavg()
+    if peak:
+        from mfu import machine_peak
+
+        report["machine"]["peak_gflops_end"] = machine_peak()
+    _print_summary(report)
     text = json.dumps(report, indent=2)
     if args.out:
         Path(args.out).write_text(text + "\n", encoding="utf-8")
