@@ -36,11 +36,19 @@ part() {
   tail -n 5 "$OUT/$name.log" | sed 's/^/    /'
 }
 
-# (a) carried wheels -> /tmp/site (diffusers, pydantic, peft, pytest ...; nothing from the net)
+# (a) carried wheels -> /tmp/site (diffusers, pydantic, peft, pytest ...; nothing from the net).
+# .whl/optional/huggingface_hub 1.33 only when the installed hub is older than diffusers needs
+# (>= 1.32; transformers 5.17 wants < 2.0, so a 2.x is never carried).
+HUB_OK='import sys; from importlib.metadata import version as v; p = tuple(int(x) for x in v("huggingface_hub").split(".")[:2]); sys.exit(0 if p >= (1, 32) else 1)'
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   log "installing $(ls .whl/*.whl | wc -l) carried wheels into /tmp/site"
   $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
     >"$OUT/pip.log" 2>&1 || log "pip install failed (see pip.log)"
+  if ls .whl/optional/huggingface_hub-*.whl >/dev/null 2>&1 && ! $PY -c "$HUB_OK" 2>/dev/null; then
+    log "installed huggingface_hub is missing or older than 1.32: adding the carried 1.33"
+    $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site \
+      .whl/optional/huggingface_hub-*.whl >>"$OUT/pip.log" 2>&1 || log "hub install failed"
+  fi
 fi
 export PYTHONPATH=/tmp/site:$ROOT/src:$ROOT/benchmarks${PYTHONPATH:+:$PYTHONPATH}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 DIFFUSERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -49,7 +57,8 @@ import importlib, sys
 import torch
 print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.cuda.is_available(),
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
-for name in ("diffusers", "transformers", "accelerate", "peft", "pydantic", "safetensors", "pytest"):
+for name in ("diffusers", "transformers", "huggingface_hub", "accelerate", "peft", "pydantic",
+             "safetensors", "PIL", "pytest"):
     try:
         module = importlib.import_module(name)
         print(name, getattr(module, "__version__", "?"), module.__file__)
