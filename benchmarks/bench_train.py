@@ -5,8 +5,8 @@ Every case runs in a fresh subprocess (peak RSS is per process):
   step timestamps), on generated images and a generated run TOML; the allocator re-exec happens
   as for a user.
 * sdtrain-noreexec: the same with SDTRAIN_NO_REEXEC=1 (the allocator lever off), for A/B.
-* sdtrain-fp32load: the same with SDTRAIN_FROZEN_HALF=0 (a half model file up-cast to fp32 at
-  load instead of kept half and up-cast per layer), for A/B.
+* sdtrain-half: the same with SDTRAIN_FROZEN_HALF=1 (a half model file's frozen weights kept
+  half and up-cast per layer instead of up-cast to fp32 at load), for A/B.
 * baseline: benchmarks/baseline_child.py, the reference-equivalent loop (default allocator).
 * baseline-alloc: the baseline under the allocator environment sdtrain would choose.
 
@@ -135,8 +135,8 @@ def run_variant(variant: str, case: dict, work: Path, spec: str, steps: int, war
     if variant.startswith("sdtrain"):
         if variant == "sdtrain-noreexec":
             env["SDTRAIN_NO_REEXEC"] = "1"
-        if variant == "sdtrain-fp32load":
-            env["SDTRAIN_FROZEN_HALF"] = "0"
+        if variant == "sdtrain-half":
+            env["SDTRAIN_FROZEN_HALF"] = "1"
         if case.get("profile"):
             env["SDTRAIN_BENCH_PROFILE"] = f"{warmup},{steps - warmup}"
         out = Path(tempfile.mkdtemp(prefix="out-", dir=work))

@@ -35,6 +35,12 @@ LEVERS = {
     "full_bf16": {"full_bf16": True},
     "gc_bf16": {"gradient_checkpointing": True, "full_bf16": True},
 }
+# full_bf16 is refused with AdamW (bf16 optimizer states): those levers run Adafactor
+ADAFACTOR = {
+    "optimizer_type": "Adafactor",
+    "learning_rate": 1e-6,
+    "optimizer_args": ["scale_parameter=False", "relative_step=False", "warmup_init=False"],
+}
 
 
 def has_command(command: str) -> bool:
@@ -71,7 +77,9 @@ def write_toml(
             "mixed_precision": "no" if dry else "bf16",
             **({} if dry else lever),
         },
-        "optimizer": {"optimizer_type": "AdamW", "learning_rate": 1e-6},
+        "optimizer": ADAFACTOR
+        if lever.get("full_bf16") and not dry
+        else {"optimizer_type": "AdamW", "learning_rate": 1e-6},
     }
     lines = []
     for table, entries in values.items():
