@@ -23,10 +23,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import bench_train  # noqa: E402
 from bench_train import _per_step, _run_child  # noqa: E402
 from train_work import PRESETS, make_images, model_spec  # noqa: E402
 
 TOKEN = "zqtok"
+CHECKPOINTING = False  # --gradient_checkpointing
 
 
 def write_ti_toml(
@@ -45,6 +47,7 @@ def write_ti_toml(
             "seed": 1234,
             "mixed_precision": precision,
             "max_data_loader_n_workers": 0,
+            "gradient_checkpointing": CHECKPOINTING,
         },
         "optimizer": {"optimizer_type": "AdamW", "learning_rate": 5e-3},
         "textual_inversion": {"token_string": TOKEN, "init_word": "cat", "xti": xti},
@@ -68,7 +71,13 @@ def run_case(work: Path, spec: str, model: str, precision: str, xti: bool, steps
     run = write_ti_toml(out / "run.toml", spec, data, out, resolution, steps, precision, xti)
     load = os.getloadavg()[0]
     args = [str(HERE / "train_child.py"), "-q", "train", "ti", str(run)]
-    result, wall = _run_child(args, dict(os.environ), timeout=7200)
+    # the child imports sdtrain from this checkout (bench_train's child env names only HERE)
+    real_here = bench_train.HERE
+    bench_train.HERE = f"{HERE}{os.pathsep}{HERE.parent / 'src'}"  # type: ignore[assignment]
+    try:
+        result, wall = _run_child(args, dict(os.environ), timeout=7200)
+    finally:
+        bench_train.HERE = real_here
     timing = _per_step(
         result.pop("stamps"), result.pop("cpu_stamps"), result.pop("fault_stamps"), 2
     )
@@ -77,6 +86,7 @@ def run_case(work: Path, spec: str, model: str, precision: str, xti: bool, steps
         "resolution": resolution,
         "precision": precision,
         "xti": xti,
+        "gradient_checkpointing": CHECKPOINTING,
         "peak_rss_mib": round(result["peak_rss_mib"], 1),
         "peak_rss_gib": round(result["peak_rss_mib"] / 1024, 3),
         **timing,
@@ -92,9 +102,12 @@ def main() -> None:
     parser.add_argument("--precision", default="bf16", help="comma list of no, bf16")
     parser.add_argument("--xti", action="store_true", help="also run XTI on each case")
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--gradient_checkpointing", action="store_true")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "sdtrain-bench")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    global CHECKPOINTING
+    CHECKPOINTING = args.gradient_checkpointing
     args.cache.mkdir(parents=True, exist_ok=True)
     cases = []
     with tempfile.TemporaryDirectory(prefix="sdtrain-bench-ti-") as tmp:
