@@ -389,3 +389,12 @@ def test_fused_backward_needs_adafactor(run_dir):
 def test_full_bf16_with_adamw_is_refused(run_dir):
     text = DB.replace("seed = 3\n", 'seed = 3\nmixed_precision = "bf16"\nfull_bf16 = true\n')
     _exit_2(run_dir, "dreambooth", text, "training.full_bf16", "full_bf16 = true")
+
+
+def test_adafactor_fused_backward_trains_end_to_end(run_dir, cli, captured):
+    args = ["train", "dreambooth", str(run_dir / "db.toml"), "--optimizer_type", "Adafactor"]
+    result = cli([*args, "--fused_backward_pass", "--gradient_checkpointing"])
+    assert result.exit_code == 0, result.output
+    assert _changed(captured, "unet") > 0 and _changed(captured, "text_encoder") > 0
+    records = (run_dir / "out" / "metrics.jsonl").read_text().splitlines()
+    assert len(records) == 4 and all("nonfinite" not in line for line in records)
