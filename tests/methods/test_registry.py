@@ -46,7 +46,7 @@ def test_entry_makes_schema_command_and_builder(name):
 
 def test_other_method_tables_are_refused_by_name(tmp_path):
     from sdtrain.config.loader import load_run_config
-    from sdtrain.errors import ConfigError
+    from sdtrain.errors import ConfigError, SdtrainError
 
     path = tmp_path / "run.toml"
     path.write_text("[textual_inversion]\nx = 1\n", encoding="utf-8")
@@ -64,3 +64,35 @@ def test_the_registry_imports_only_the_standard_library():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     assert out.strip() == "[]"
+
+
+def test_dataset_plan_checks_the_kinds_of_the_run_files_method(tmp_path, cli, monkeypatch):
+    from sdtrain.methods.registry import MethodEntry
+
+    # a method that trains DreamBooth datasets only (as train_db does)
+    entry = MethodEntry(
+        name="dreambooth",
+        summary="test",
+        table="dreambooth",
+        section_ref="sdtrain.config.methods:NetworkSection",
+        builder="sdtrain.methods.lora:build",
+        finetune=False,
+    )
+    monkeypatch.setitem(METHODS, "dreambooth", entry)
+    (tmp_path / "img").mkdir()
+    meta = tmp_path / "meta.json"
+    meta.write_text("{}", encoding="utf-8")
+    body = f"[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{tmp_path / 'img'}'\n"
+    body += f"metadata_file = '{meta}'\n"
+    run = tmp_path / "run.toml"
+    run.write_text("[dreambooth]\n" + body, encoding="utf-8")
+    from sdtrain.errors import ConfigError, SdtrainError
+
+    with pytest.raises(ConfigError) as info:
+        cli(["dataset", "plan", str(run)])
+    assert "cannot train fine-tune subsets" in str(info.value.problems)
+    run.write_text(body, encoding="utf-8")  # no method table: every kind
+    try:
+        cli(["dataset", "plan", str(run)])
+    except SdtrainError as error:  # the empty metadata file may be refused, not the kind
+        assert "cannot train fine-tune" not in str(error.problems)

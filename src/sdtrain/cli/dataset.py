@@ -30,9 +30,10 @@ def plan(
         --resolution 512 [--enable_bucket --train_batch_size 2 ...]
     sdtrain dataset plan --config_file ARGS.toml   (the reference's argument TOML)
 
-    Shows images, repeats, captions found/missing, regularization balance, the validation
-    split, buckets, invalid images, where each effective value came from, and the epoch/step
-    totals. Any run key can be given as --key value.
+    A run file's method table ([network] for lora, ...) makes the plan check the dataset
+    kinds that method trains. Shows images, repeats, captions found/missing, regularization
+    balance, the validation split, buckets, invalid images, where each effective value came
+    from, and the epoch/step totals. Any run key can be given as --key value.
     """
     from sdtrain.log import out
 
@@ -47,7 +48,10 @@ def plan(
     from sdtrain.data.plan import plan_for_run
 
     loaded = load_run_config(list(ctx.args), PLAN_COMMAND, require_file=True)
-    result = plan_for_run(loaded)
+    from sdtrain.methods.registry import plan_support
+
+    # the run file's method picks the dataset kinds (its table: [network] -> lora, ...)
+    result = plan_for_run(loaded, support=plan_support(loaded.config))
     if as_json:
         import json
 

@@ -31,6 +31,7 @@ from sdtrain.data.validation_split import split_validation
 from sdtrain.errors import ConfigError, DataError, Problem
 
 if TYPE_CHECKING:
+    from sdtrain.config.blueprint import Support
     from sdtrain.config.loader import LoadedConfig
     from sdtrain.config.sections import DatasetSection, TrainingSection
 
@@ -370,11 +371,16 @@ def build_plan(
     )
 
 
-def plan_for_run(loaded: LoadedConfig, num_processes: int = 1, write_caches: bool = False) -> Plan:
+def plan_for_run(
+    loaded: LoadedConfig,
+    num_processes: int = 1,
+    write_caches: bool = False,
+    support: Support | None = None,
+) -> Plan:
     """Blueprint (file, inline or legacy) -> resolution chain -> plan, for a loaded run config.
 
-    The command it was loaded for picks the dataset kinds allowed (`loaded.command.support`,
-    from the method registry; every kind when the config was built by hand).
+    `support` (the dataset kinds allowed) defaults to the command it was loaded for
+    (`loaded.command.support`, from the method registry; every kind when built by hand).
     """
     from sdtrain.config.blueprint import ANY_KIND
     from sdtrain.config.blueprint_load import dataset_blueprint
@@ -386,7 +392,7 @@ def plan_for_run(loaded: LoadedConfig, num_processes: int = 1, write_caches: boo
         config.general,
         config.datasets,
         loaded.source,
-        loaded.command.support if loaded.command is not None else ANY_KIND,
+        support or (loaded.command.support if loaded.command is not None else ANY_KIND),
         run_origins(loaded),
     )
     resolved = resolve_blueprint(blueprint, run_level_for(loaded))

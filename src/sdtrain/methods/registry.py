@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from sdtrain.config.base import Section
+    from sdtrain.config.blueprint import Support
     from sdtrain.config.run import CommandSchema, RunConfig
     from sdtrain.data.plan import Plan
     from sdtrain.methods.base import Method
@@ -158,3 +159,23 @@ def command_schema(name: str) -> CommandSchema:
     if name == PLAN_COMMAND.name:
         return PLAN_COMMAND
     return METHODS[name].command
+
+
+def method_of(config: RunConfig) -> MethodEntry | None:
+    """The registered method whose table a run config carries (`dataset plan` and `latents
+    cache` read any run file); None when it has none, or a table of an unregistered method."""
+    from sdtrain.config.methods import METHOD_TABLES
+
+    for table, name in METHOD_TABLES.items():
+        if getattr(config, table, None) is not None and name in METHODS:
+            return METHODS[name]
+    return None
+
+
+def plan_support(config: RunConfig) -> Support:
+    """The dataset kinds `dataset plan` checks a run file against: its method's (a DreamBooth
+    run refuses fine-tune subsets as training would), or every kind without a method table."""
+    from sdtrain.config.run import PLAN_COMMAND
+
+    entry = method_of(config)
+    return entry.command.support if entry is not None else PLAN_COMMAND.support

@@ -79,7 +79,9 @@ def cache_latents(loaded: LoadedConfig, verify_only: bool = False) -> LatentsOut
 
     cfg = loaded.config
     t = cfg.training
-    plan = plan_for_run(loaded)
+    from sdtrain.methods.registry import plan_support
+
+    plan = plan_for_run(loaded, support=plan_support(loaded.config))
     if plan.steps is None:
         raise DataError(
             "No data found: the datasets contain no usable images",
