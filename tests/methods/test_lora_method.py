@@ -261,8 +261,12 @@ def test_network_weights_and_dim_from_weights(tmp_path):
     want = kohya.state_dict(net)
     from tiny_parts import tiny_text_encoder, tiny_unet
 
+    from sdtrain.models.family import SDFamily
+
+    sd1 = SDFamily("sd1", "epsilon", 64, 1.0, 32)
+
     class Bundle:
-        unet, text_encoder = tiny_unet(), tiny_text_encoder()
+        unet, text_encoder, family = tiny_unet(), tiny_text_encoder(), sd1
 
     m = method(network={"network_weights": str(path), "dim_from_weights": True})
     m.prepare(Bundle)
@@ -272,7 +276,7 @@ def test_network_weights_and_dim_from_weights(tmp_path):
 
     # same ranks without dim_from_weights: loaded into the configured network
     class Again:
-        unet, text_encoder = tiny_unet(), tiny_text_encoder()
+        unet, text_encoder, family = tiny_unet(), tiny_text_encoder(), sd1
 
     m = method(
         network={

@@ -46,7 +46,7 @@ def test_entry_makes_schema_command_and_builder(name):
 
 def test_other_method_tables_are_refused_by_name(tmp_path):
     from sdtrain.config.loader import load_run_config
-    from sdtrain.errors import ConfigError, SdtrainError
+    from sdtrain.errors import ConfigError
 
     path = tmp_path / "run.toml"
     path.write_text("[textual_inversion]\nx = 1\n", encoding="utf-8")

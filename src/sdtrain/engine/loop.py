@@ -130,16 +130,19 @@ class Trainer:
         torch.manual_seed(derive_seed(self.seed, "init"))
         self.groups = self.method.prepare(self.bundle)
         bundle = self.bundle
-        apply_precision([bundle.unet, bundle.text_encoder], self.precision)
+        text_encoders = bundle.family.text_encoders(bundle)
+        apply_precision([bundle.unet, *text_encoders], self.precision)
         # plain nn.Module.to: diffusers' own .to() warns about fp32-pinned modules we manage
         torch.nn.Module.to(bundle.vae, self.device, dtype=self.precision.vae)
         torch.nn.Module.to(bundle.unet, self.device)
-        torch.nn.Module.to(bundle.text_encoder, self.device)
+        for text_encoder in text_encoders:
+            torch.nn.Module.to(text_encoder, self.device)
         bundle.vae.requires_grad_(False)
         if training.gradient_checkpointing:
             bundle.unet.enable_gradient_checkpointing()
             if self.method.train_text_encoder():
-                bundle.text_encoder.gradient_checkpointing_enable()
+                for text_encoder in text_encoders:
+                    text_encoder.gradient_checkpointing_enable()
         self.params = [p for g in self.groups for p in g.params]
         self.built = build_optimizer(self.groups, self.sections.optimizer)
         self.optimizer = self.built.optimizer

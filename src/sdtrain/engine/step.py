@@ -35,7 +35,7 @@ class StepContext:
         from sdtrain.engine.halfweights import has_frozen_half
         from sdtrain.engine.precision import redundant_input_casts
 
-        modules = [self.bundle.unet, self.bundle.text_encoder]
+        modules = [self.bundle.unet, *self.bundle.family.text_encoders(self.bundle)]
         self.uncast = redundant_input_casts(modules, self.precision)
         self.upcast = not self.precision.autocast and has_frozen_half(modules)
 

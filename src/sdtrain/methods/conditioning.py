@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -11,6 +10,7 @@ if TYPE_CHECKING:
     import torch
 
     from sdtrain.data.plan import Plan
+    from sdtrain.methods.base import Conditioning
     from sdtrain.models.bundle import ModelBundle
 
 
@@ -28,27 +28,18 @@ class TextConditioning:
 
     def encode(self, bundle: ModelBundle, captions: Sequence[str], grad: bool) -> torch.Tensor:
         """(B, 75n+2, D); without an autograd graph unless `grad` (a trained text encoder)."""
-        import torch
+        return self.condition(bundle, captions, grad).hidden_states
 
-        from sdtrain.models.text import encode_tokens, tokenize
-
-        weights = None
-        if self.weighted:
-            from sdtrain.data.prompt_weights import tokenize_weighted
-
-            ids, weights = tokenize_weighted(
-                bundle.tokenizer, list(captions), self.max_token_length
-            )
-        else:
-            ids = tokenize(bundle.tokenizer, captions, self.max_token_length)
-        with contextlib.nullcontext() if grad else torch.no_grad():
-            return encode_tokens(
-                bundle.text_encoder,
-                ids,
-                self.clip_skip,
-                weights,
-                eos_token_id=bundle.tokenizer.eos_token_id,
-            )
+    def condition(self, bundle: ModelBundle, captions: Sequence[str], grad: bool) -> Conditioning:
+        """The family's Conditioning of captions (hidden states plus its extras)."""
+        return bundle.family.encode_text(
+            bundle,
+            captions,
+            clip_skip=self.clip_skip,
+            max_token_length=self.max_token_length,
+            weighted=self.weighted,
+            grad=grad,
+        )
 
 
 _CAPTION_RANDOMNESS = (

@@ -106,9 +106,10 @@ class LoraMethod:
         """Freeze the base, inject the adapters (fp32), load network_weights, build the groups."""
         from sdtrain.methods.adapters import kohya
 
-        bundle.unet.requires_grad_(False)
-        bundle.text_encoder.requires_grad_(False)
-        network = LoraNetwork.create(bundle.unet, bundle.text_encoder, self.spec)
+        roots = bundle.family.adapter_roots(bundle)
+        for model in roots.values():
+            model.requires_grad_(False)
+        network = LoraNetwork.create(roots["unet"], roots["text_encoder"], self.spec)
         if not network.modules:
             raise ConfigError(
                 [
@@ -197,6 +198,7 @@ class LoraMethod:
         from sdtrain.methods.adapters.metadata import lora_metadata
 
         network = self._net()
+        roots = bundle.family.adapter_roots(bundle)
         path = Path(point.output_dir) / f"{point.stem}.{self.section.save_model_as}"
         tensors = kohya.state_dict(network, self.save_precision)
         metadata = None
@@ -207,7 +209,7 @@ class LoraMethod:
         if self.section.save_diffusers_lora:
             extra = Path(point.output_dir) / f"{point.stem}.diffusers.safetensors"
             save_diffusers_lora(
-                extra, network, bundle.unet, bundle.text_encoder, self.save_precision
+                extra, network, roots["unet"], roots["text_encoder"], self.save_precision
             )
             paths.append(extra)
         log.info("saved %s", ", ".join(p.name for p in paths))

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Literal
 
 from sdtrain.errors import ConfigError, Problem
-from sdtrain.models.bundle import FamilyInfo
+from sdtrain.models.family import SDFamily
 
 Prediction = Literal["epsilon", "v_prediction"]
 
@@ -86,10 +86,10 @@ def make_family_info(
     vae_scale: int,
     latent_scale: float,
     text_width: int,
-) -> FamilyInfo:
-    """FamilyInfo from a loaded model's facts; resolution = UNet sample size x VAE downscale."""
+) -> SDFamily:
+    """The family object from a loaded model's facts (resolution = sample size x VAE scale)."""
     family_spec(name)
-    return FamilyInfo(
+    return SDFamily(
         name=name,  # type: ignore[arg-type]
         prediction_type=prediction_type,
         resolution=sample_size * vae_scale,

@@ -34,7 +34,8 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from sdtrain.config.prompt_file import PromptSpec
-    from sdtrain.models.bundle import FamilyInfo, ModelBundle
+    from sdtrain.models.bundle import ModelBundle
+    from sdtrain.models.family import ModelFamily
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ class GeneratedImage(NamedTuple):
     seed: int
 
 
-def make_scheduler(name: str, family: FamilyInfo) -> Any:
+def make_scheduler(name: str, family: ModelFamily) -> Any:
     """A fresh diffusers scheduler for sampler `name` (case-insensitive), built as the reference.
 
     1000 train steps, betas 0.00085 -> 0.012 scaled_linear, v_prediction for v-models, and
@@ -118,28 +119,9 @@ def encode_prompts(
     clip_skip: int | None,
     max_token_length: int | None,
 ) -> torch.Tensor:
-    """Conditioning (B, 75n+2, D) for sample prompts: A1111 weights, mean-preserving rescale.
-
-    Prompts are encoded one by one, and an unweighted prompt skips the weighting: the rescale is
-    then an exact no-op, and skipping it avoids 0/0 on a text encoder whose output mean is ~0
-    (a freshly initialised final LayerNorm, as in the tiny built-in models).
-    """
-    from sdtrain.data.prompt_weights import tokenize_weighted
-    from sdtrain.models.text import encode_tokens
-
-    eos = bundle.tokenizer.eos_token_id
-    rows = []
-    for prompt in prompts:
-        ids, weights = tokenize_weighted(bundle.tokenizer, [prompt], max_token_length)
-        if bool((weights == 1.0).all()):
-            rows.append(encode_tokens(bundle.text_encoder, ids, clip_skip, eos_token_id=eos))
-        else:
-            rows.append(
-                encode_tokens(
-                    bundle.text_encoder, ids, clip_skip, weights, eos_token_id=eos, renormalize=True
-                )
-            )
-    return torch.cat(rows)
+    """Conditioning (B, 75n+2, D) for sample prompts: A1111 weights, mean-preserving rescale
+    (the family's encode_prompts; its hidden states)."""
+    return bundle.family.encode_prompts(bundle, prompts, clip_skip, max_token_length).hidden_states
 
 
 @contextlib.contextmanager
@@ -216,26 +198,8 @@ def _batches(
 
 
 def build_pipeline(bundle: ModelBundle) -> Any:
-    """A StableDiffusionPipeline around the bundle's live modules (no safety checker, offline).
-
-    The sampler is set per prompt afterwards via `pipe.scheduler = ...`, which (as in the
-    reference) bypasses the constructor's scheduler "fix-ups" (clip_sample False, steps_offset 1).
-    """
-    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
-
-    placeholder = EulerDiscreteScheduler(**SCHEDULE, steps_offset=1)
-    pipe = StableDiffusionPipeline(
-        vae=bundle.vae,
-        text_encoder=bundle.text_encoder,
-        tokenizer=bundle.tokenizer,
-        unet=bundle.unet,
-        scheduler=placeholder,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    """A diffusers pipeline around the bundle's live modules, built by its family."""
+    return bundle.family.build_pipeline(bundle)
 
 
 def _run_batch(
@@ -247,19 +211,23 @@ def _run_batch(
 ) -> list[Image.Image]:
     spec = group[0][0]
     count = len(group)
-    extra: dict[str, Any] = {}
+    family = bundle.family
     if bundle.embeddings.xti is None:
-        cond = encode_prompts(
+        pair = family.encode_prompts(
             bundle, [spec.prompt, spec.negative_prompt], clip_skip, max_token_length
         )
+        embeds = family.pipeline_kwargs(pair, count)
     else:
         cond, extra = _xti_conditioning(bundle, spec, count, clip_skip, max_token_length)
+        embeds = {
+            "prompt_embeds": cond[:1].expand(count, -1, -1),
+            "negative_prompt_embeds": cond[1:].expand(count, -1, -1),
+            **extra,
+        }
     pipe.scheduler = make_scheduler(spec.sampler, bundle.family)
     generators = [torch.Generator("cpu").manual_seed(seed) for _, seed in group]
     result = pipe(
-        prompt_embeds=cond[:1].expand(count, -1, -1),
-        negative_prompt_embeds=cond[1:].expand(count, -1, -1),
-        **extra,
+        **embeds,
         height=spec.height,
         width=spec.width,
         num_inference_steps=spec.steps,
@@ -329,7 +297,7 @@ def generate_images(
     try:
         with (
             preserved_rng_states(),
-            eval_modes(bundle.unet, bundle.vae, bundle.text_encoder),
+            eval_modes(bundle.unet, bundle.vae, *bundle.family.text_encoders(bundle)),
             _vae_on(bundle.vae, device),
             torch.no_grad(),
             torch.autocast(device.type, dtype=dtype, enabled=use_autocast),

@@ -215,7 +215,7 @@ def generate(specs: list[PromptSpec], options: GenerateOptions) -> GenerateResul
     bundle, tokens = load_model(options)
     originals = expand_count(specs, options.count)
     device = resolve_device(options.device)
-    for module in (bundle.unet, bundle.vae, bundle.text_encoder):
+    for module in (bundle.unet, bundle.vae, *bundle.family.text_encoders(bundle)):
         module.to(device)
     dtype = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[options.mixed_precision]
     with progress() as bar:

@@ -15,9 +15,12 @@ from sdtrain.methods.adapters.targets import find_targets
 TINY_TRANSFORMERS = 4  # down 0, mid, up 1 (x2) in the tiny U-Net
 
 
-class Bundle:  # the two attributes apply/merge read
+class Bundle:  # what apply/merge read: the family names the adapter roots
     def __init__(self, unet, text_encoder):
+        from sdtrain.models.family import SDFamily
+
         self.unet, self.text_encoder = unet, text_encoder
+        self.family = SDFamily("sd1", "epsilon", 64, 1.0, 32)
 
 
 def test_lierla_keys_shapes_and_alpha():

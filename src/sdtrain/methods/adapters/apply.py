@@ -45,7 +45,8 @@ def apply_lora_file(
         apply_unet=any(n.startswith("lora_unet_") for n in ranks),
         apply_text_encoder=any(n.startswith("lora_te_") for n in ranks),
     )
-    network = LoraNetwork.create(bundle.unet, bundle.text_encoder, spec, adapter=adapter_name)
+    roots = bundle.family.adapter_roots(bundle)
+    network = LoraNetwork.create(roots["unet"], roots["text_encoder"], spec, adapter=adapter_name)
     if not network.modules:
         raise ModelLoadError(
             f"{path}: no LoRA module of this file matches the model",
@@ -55,7 +56,7 @@ def apply_lora_file(
     network.train(False)
     for param in network.parameters():
         param.requires_grad_(False)
-    for model in (bundle.unet, bundle.text_encoder):
+    for model in roots.values():
         _activate_all(model)
     report.log(f"LoRA {Path(path).name} (weight {weight})")
     return report
@@ -79,7 +80,8 @@ def merge_lora_into(bundle: ModelBundle, path: str | Path, weight: float = 1.0) 
     import torch
 
     tensors, _ = read(path)
-    targets = name_map(bundle.unet, bundle.text_encoder)
+    roots = bundle.family.adapter_roots(bundle)
+    targets = name_map(roots["unet"], roots["text_encoder"])
     report = LoadReport()
     used: set[str] = set()
     with torch.no_grad():
@@ -87,7 +89,7 @@ def merge_lora_into(bundle: ModelBundle, path: str | Path, weight: float = 1.0) 
             target = targets.get(name)
             if target is None or f"{name}.{UP}" not in tensors:
                 continue
-            model = bundle.unet if target.root == "unet" else bundle.text_encoder
+            model = roots[target.root]
             layer = model.get_submodule(target.path)
             if hasattr(layer, "get_base_layer"):
                 layer = layer.get_base_layer()
