@@ -70,9 +70,11 @@ class LoraMethod:
     ) -> None:
         """Validate [network] now (config errors before any model loads); read ranks for
         dim_from_weights."""
-        from sdtrain.methods.adapters import kohya
+        from sdtrain.methods.adapters.kinds import adapter_kind
 
         self.section = network
+        self.kind = adapter_kind(network.network_module)
+        kohya = self.kind.keys()  # this kind's file key map
         self.spec = LoraSpec.from_section(network)
         self._weights: dict[str, torch.Tensor] | None = None
         if network.network_weights:
@@ -104,12 +106,11 @@ class LoraMethod:
 
     def prepare(self, bundle: ModelBundle) -> list[ParamGroup]:
         """Freeze the base, inject the adapters (fp32), load network_weights, build the groups."""
-        from sdtrain.methods.adapters import kohya
-
+        kohya = self.kind.keys()
         roots = bundle.family.adapter_roots(bundle)
         for model in roots.values():
             model.requires_grad_(False)
-        network = LoraNetwork.create(roots["unet"], roots["text_encoder"], self.spec)
+        network = self.kind.network_class().create(roots["unet"], roots["text_encoder"], self.spec)
         if not network.modules:
             raise ConfigError(
                 [
@@ -181,22 +182,18 @@ class LoraMethod:
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """The kohya state dict in full precision (stable names, independent of peft)."""
-        from sdtrain.methods.adapters import kohya
-
-        return kohya.state_dict(self._net())
+        return self.kind.keys().state_dict(self._net())
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
         """Restore trainable_state() in place (strict: any mismatch is a TrainingError)."""
-        from sdtrain.methods.adapters import kohya
-
-        kohya.load_into(self._net(), state, "resumable state", strict=True)
+        self.kind.keys().load_into(self._net(), state, "resumable state", strict=True)
 
     def export(self, bundle: ModelBundle, point: SavePoint) -> list[Path]:
         """Write `<stem>.<save_model_as>` (kohya) and optionally `<stem>.diffusers.safetensors`."""
-        from sdtrain.methods.adapters import kohya
         from sdtrain.methods.adapters.diffusers_format import save_diffusers_lora
         from sdtrain.methods.adapters.metadata import lora_metadata
 
+        kohya = self.kind.keys()
         network = self._net()
         roots = bundle.family.adapter_roots(bundle)
         path = Path(point.output_dir) / f"{point.stem}.{self.section.save_model_as}"

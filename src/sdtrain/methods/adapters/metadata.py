@@ -1,4 +1,5 @@
-"""Model-file metadata: the reference's ss_* keys, modelspec.* keys and the sshs_* hashes (§7.6)."""
+"""LoRA-file metadata: the reference's ss_* keys and sshs_* hashes (§7.6) around the modelspec.*
+keys of the one modelspec builder (sdtrain.models.modelspec)."""
 
 from __future__ import annotations
 
@@ -8,18 +9,15 @@ import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from sdtrain import __version__
+from sdtrain.models.modelspec import as_kind, modelspec_metadata
 
 if TYPE_CHECKING:
     import torch
 
     from sdtrain.config.methods import NetworkSection
     from sdtrain.methods.adapters.spec import LoraSpec
-    from sdtrain.models.bundle import FamilyInfo
+    from sdtrain.models.family import ModelFamily
 
-MODELSPEC_VERSION = "1.0.1"
-IMPL_STABILITY = "https://github.com/Stability-AI/generative-models"
-IMPL_DIFFUSERS = "diffusers"
 CONFIG_KEY = "sdtrain_config"  # our resolved run config (TOML text)
 # what `no_metadata` keeps of the ss_* keys (the reference's SS_METADATA_MINIMUM_KEYS)
 MINIMUM_KEYS = (
@@ -47,7 +45,7 @@ class TrainingFacts:
     (basename)}]. `from_blueprint` False writes the reference's legacy (folder-mode) keys instead.
     """
 
-    family: FamilyInfo
+    family: ModelFamily
     session_id: int
     training_started_at: float
     output_name: str | None = None
@@ -265,65 +263,43 @@ def training_metadata(
     return md
 
 
-def base_modelspec(family: FamilyInfo, now: float) -> dict[str, str]:
+def base_modelspec(family: ModelFamily, now: float) -> dict[str, str]:
     """The modelspec.* keys known from the model family alone (native resolution)."""
-    return {
-        "modelspec.sai_model_spec": MODELSPEC_VERSION,
-        "modelspec.architecture": family.modelspec_architecture,
-        "modelspec.implementation": IMPL_STABILITY,
-        "modelspec.resolution": f"{family.resolution}x{family.resolution}",
-        "modelspec.date": datetime.datetime.fromtimestamp(int(now)).isoformat(),
-        "modelspec.prediction_type": "v" if family.is_v else "epsilon",
-    }
+    return modelspec_metadata(family, date=_date(now), default_title=False, version=False)
+
+
+def _date(now: float) -> datetime.datetime:
+    return datetime.datetime.fromtimestamp(int(now))
 
 
 def modelspec(facts: TrainingFacts, now: float) -> dict[str, str]:
     """modelspec.* (sai_model_spec 1.0.1) for the base architecture; None values are left out."""
     timesteps = None
     if facts.min_timestep is not None or facts.max_timestep is not None:
-        timesteps = f"{facts.min_timestep or 0},{facts.max_timestep or 1000}"
-    values = {
-        "title": facts.title or facts.output_name,
-        "resolution": f"{facts.resolution[0]}x{facts.resolution[1]}" if facts.resolution else None,
-        "timestep_range": timesteps,
-        "encoder_layer": _s(facts.clip_skip) if facts.clip_skip is not None else None,
-        "implementation_version": f"sdtrain/{__version__}",
-        "author": facts.author,
-        "description": facts.description,
-        "license": facts.license,
-        "tags": facts.tags,
-        "trigger_phrase": facts.trigger_phrase,
-    }
-    md = base_modelspec(facts.family, now)
-    md.update({f"modelspec.{k}": v for k, v in values.items() if v is not None})
-    return md
-
-
-def as_adapter(
-    md: dict[str, str],
-    adapter: str,
-    implementation: str,
-    title_prefix: str,
-    now: float | None = None,
-) -> dict[str, str]:
-    """Turn base-model modelspec keys into an adapter's: `<arch>/<adapter>`, implementation,
-    and the reference's default title `<prefix>@<timestamp>` when no title is known."""
-    import time
-
-    out = dict(md)
-    arch = out.get("modelspec.architecture")
-    if arch and not arch.endswith(f"/{adapter}"):
-        out["modelspec.architecture"] = f"{arch}/{adapter}"
-    out["modelspec.implementation"] = implementation
-    out.setdefault("modelspec.title", f"{title_prefix}@{time.time() if now is None else now}")
-    return out
+        timesteps = (facts.min_timestep or 0, facts.max_timestep or 1000)
+    return modelspec_metadata(
+        facts.family,
+        title=facts.title or facts.output_name,
+        resolution=facts.resolution,
+        clip_skip=facts.clip_skip,
+        timestep_range=timesteps,
+        date=_date(now),
+        extra={
+            "author": facts.author,
+            "description": facts.description,
+            "license": facts.license,
+            "tags": facts.tags,
+            "trigger_phrase": facts.trigger_phrase,
+        },
+        default_title=False,
+    )
 
 
 def lora_metadata(
     base: dict[str, str],
     network: NetworkSection,
     spec: LoraSpec,
-    family: FamilyInfo | None = None,
+    family: ModelFamily | None = None,
     now: float | None = None,
 ) -> dict[str, str]:
     """The complete metadata of a LoRA file (before hashes): base + ss_network_* + modelspec.
@@ -361,7 +337,7 @@ def lora_metadata(
     )
     if spec.args:
         md["ss_network_args"] = json.dumps(spec.args)
-    md = as_adapter(md, "lora", IMPL_DIFFUSERS, "LoRA", now)
+    md = as_kind(md, "lora", "LoRA", now)
     if network.no_metadata:
         md = {k: v for k, v in md.items() if k in MINIMUM_KEYS or k.startswith("modelspec.")}
     return md
