@@ -282,8 +282,8 @@ class TiMethod:
 
         import torch
 
-        from sdtrain.methods.adapters.metadata import IMPL_STABILITY, as_adapter, base_modelspec
         from sdtrain.models.embeddings import write_embedding, write_xti
+        from sdtrain.models.modelspec import as_kind, base_modelspec
 
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
             self.save_precision or "", torch.float32
@@ -296,9 +296,7 @@ class TiMethod:
             spec = {k: v for k, v in point.metadata.items() if k.startswith("modelspec.")}
             spec = spec or base_modelspec(bundle.family, now)
             spec.setdefault("modelspec.trigger_phrase", self.token)
-            metadata = as_adapter(
-                spec, "textual-inversion", IMPL_STABILITY, "TextualInversion", now
-            )
+            metadata = as_kind(spec, "textual-inversion", "TextualInversion", now)
         if self.layers is not None:
             named = dict(zip(self.layers.names, vectors, strict=True))
             write_xti(path, named, metadata)

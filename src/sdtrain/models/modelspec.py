@@ -69,6 +69,13 @@ def modelspec_metadata(
     return {f"modelspec.{key}": str(value) for key, value in values.items() if value is not None}
 
 
+def base_modelspec(family: ModelFamily, now: float) -> dict[str, str]:
+    """The modelspec.* keys known from the model family alone (native resolution, no title,
+    no implementation_version), dated `now` (epoch seconds, whole seconds)."""
+    date = _dt.datetime.fromtimestamp(int(now))
+    return modelspec_metadata(family, date=date, default_title=False, version=False)
+
+
 def as_kind(
     md: dict[str, str],
     kind: Kind,

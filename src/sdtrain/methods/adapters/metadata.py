@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from sdtrain.models.modelspec import as_kind, modelspec_metadata
+from sdtrain.models.modelspec import as_kind, base_modelspec, modelspec_metadata
 
 if TYPE_CHECKING:
     import torch
@@ -261,11 +261,6 @@ def training_metadata(
     if facts.resolved_config is not None:
         md[CONFIG_KEY] = facts.resolved_config
     return md
-
-
-def base_modelspec(family: ModelFamily, now: float) -> dict[str, str]:
-    """The modelspec.* keys known from the model family alone (native resolution)."""
-    return modelspec_metadata(family, date=_date(now), default_title=False, version=False)
 
 
 def _date(now: float) -> datetime.datetime:
