@@ -164,7 +164,7 @@ def test_a_second_sigint_aborts_at_once_and_leaves_no_damage(cli, tmp_path, run_
     out = tmp_path / "out"
     config = write_config(tmp_path / "run.toml", run_data, out)
     proc = start_cli(config, tmp_path / "log.txt", slow_write=0.3)
-    wait_until(proc, writing(out, ".t-step00000004-state.tmp-*/.optimizer.pt.*.tmp"))
+    wait_until(proc, writing(out, ".t-step00000004-state.tmp-*/.optimizer.safetensors.*.tmp"))
     os.killpg(proc.pid, signal.SIGINT)
     time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGINT)
@@ -187,7 +187,7 @@ def test_sigkill_during_saves_then_auto_resume(cli, tmp_path, run_data, straight
     kill_points = [
         # (what is being written when the kill lands, the state "auto" must pick next)
         (".t-step00000004.safetensors.*.tmp", "t-step00000002-state"),
-        (".t-step00000006-state.tmp-*/.optimizer.pt.*.tmp", "t-step00000004-state"),
+        (".t-step00000006-state.tmp-*/.optimizer.safetensors.*.tmp", "t-step00000004-state"),
         (".t-state.tmp-*/.manifest.json.*.tmp", "t-step00000006-state"),
     ]
     for n, (pattern, expected) in enumerate(kill_points):

@@ -53,8 +53,8 @@ def test_replacing_a_state_keeps_one_complete_copy(tmp_path):
 def test_corrupt_and_incomplete_states_are_skipped(tmp_path, caplog):
     good = save_state(tmp_path / "a-step00000002-state", parts(2))
     truncated = save_state(tmp_path / "a-step00000006-state", parts(6))
-    data = (truncated / "optimizer.pt").read_bytes()
-    (truncated / "optimizer.pt").write_bytes(data[: len(data) // 2])
+    data = (truncated / "rng.safetensors").read_bytes()
+    (truncated / "rng.safetensors").write_bytes(data[: len(data) // 2])
     incomplete = save_state(tmp_path / "a-step00000008-state", parts(8))
     (incomplete / "manifest.json").unlink()
     flipped = save_state(tmp_path / "a-step00000009-state", parts(9))

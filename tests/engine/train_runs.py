@@ -161,17 +161,14 @@ def assert_same(a: Any, b: Any, where: str = "") -> None:
 
 def state_contents(folder: Path) -> dict[str, Any]:
     """What a state folder holds that must match between a straight and a resumed run."""
-    from sdtrain.engine.state import verify_state
+    from sdtrain.engine.state import load_state, verify_state
 
     assert verify_state(folder) is None, folder
-
-    def load(name: str) -> Any:
-        return torch.load(folder / name, map_location="cpu", weights_only=True)
-
+    state = load_state(folder)
     return {
-        "trainable": load_file(str(folder / "trainable.safetensors")),
-        "optimizer": load("optimizer.pt"),
-        "scheduler": load("scheduler.pt"),
+        "trainable": state.trainable,
+        "optimizer": state.optimizer,
+        "scheduler": state.scheduler,
         "counters": json.loads((folder / "train_state.json").read_text()),
     }
 

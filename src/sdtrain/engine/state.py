@@ -2,7 +2,9 @@
 
 A state folder holds the trainable weights, optimizer, LR scheduler, grad scaler, counters, RNG
 states and the resolved config; `manifest.json` (sizes + SHA-256 of every file) is written last,
-so a state without a verifying manifest is incomplete and never resumed from.
+so a state without a verifying manifest is incomplete and never resumed from. Everything is
+safetensors or JSON (engine/state_codec.py): no pickle is written, and the `.pt` files of format-1
+states are read back with weights-only loading only.
 """
 
 from __future__ import annotations
@@ -18,7 +20,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sdtrain.atomic import _fsync_dir, atomic_path, save_safetensors, save_torch, write_text
+from sdtrain.atomic import _fsync_dir, atomic_path, save_safetensors, write_text
+from sdtrain.engine.state_codec import (
+    StateCodecError,
+    component_file,
+    read_component,
+    write_component,
+)
 from sdtrain.errors import TrainingError
 
 logger = logging.getLogger(__name__)
@@ -26,7 +34,7 @@ logger = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 COUNTERS = "train_state.json"
 CONFIG = "config.json"
-STATE_FORMAT = 1
+STATE_FORMAT = 2  # 1: optimizer/scheduler/scaler/rng as torch.save pickles (read-only now)
 # Hidden siblings of a state folder `X`: `.X.tmp-*` (being written), `.X.old-*` (the copy being
 # replaced), `.X.del-*` (being deleted). A kill can leave any of them; tidy_output_dir sorts them.
 WRITING = ".tmp-"
@@ -111,11 +119,11 @@ def save_state(folder: Path, parts: StateParts) -> Path:
     tmp.mkdir()
     try:
         save_safetensors(tmp / "trainable.safetensors", parts.trainable)
-        save_torch(tmp / "optimizer.pt", parts.optimizer)
-        save_torch(tmp / "scheduler.pt", parts.scheduler)
+        write_component(tmp, "optimizer", parts.optimizer)
+        write_component(tmp, "scheduler", parts.scheduler)
         if parts.scaler is not None:
-            save_torch(tmp / "scaler.pt", parts.scaler)
-        save_torch(tmp / "rng.pt", _rng_states())
+            write_component(tmp, "scaler", parts.scaler)
+        write_component(tmp, "rng", _rng_states())
         write_text(tmp / COUNTERS, json.dumps(asdict(parts.counters), indent=2))
         write_text(tmp / CONFIG, json.dumps(parts.config, indent=2, default=str))
         files = {
@@ -240,19 +248,68 @@ class LoadedState:
         _restore_rng(self.rng)
 
 
+def _damaged(folder: Path, name: str, reason: str) -> TrainingError:
+    return TrainingError(
+        f"cannot resume from {folder}: {name} is damaged or was not written by sdtrain ({reason})",
+        hint='resume from another state (resume = "auto" picks the newest complete one)',
+    )
+
+
+def _read_json(folder: Path, name: str) -> Any:
+    try:
+        return json.loads((Path(folder) / name).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _damaged(Path(folder), name, str(exc)) from None
+
+
 def load_state_config(folder: Path) -> dict[str, Any]:
     """The resolved config (and data fingerprint) a state was written with, without tensors."""
-    return json.loads((Path(folder) / CONFIG).read_text(encoding="utf-8"))
+    config = _read_json(folder, CONFIG)
+    if not isinstance(config, dict):
+        raise _damaged(Path(folder), CONFIG, "not a JSON object")
+    return config
 
 
 def load_counters(folder: Path) -> Counters:
     """Just the counters (seed, step, epoch) of a state folder, without loading tensors."""
-    return Counters(**json.loads((Path(folder) / COUNTERS).read_text(encoding="utf-8")))
+    raw = _read_json(folder, COUNTERS)
+    try:
+        return Counters(**raw)
+    except TypeError as exc:
+        raise _damaged(Path(folder), COUNTERS, str(exc)) from None
+
+
+def _load_component(folder: Path, name: str, required: bool = True) -> Any:
+    """A state component: NAME.safetensors / NAME.json, or a format-1 NAME.pt (weights only)."""
+    path = component_file(folder, name)
+    if path is not None:
+        try:
+            return read_component(path)
+        except StateCodecError as exc:
+            raise _damaged(folder, path.name, str(exc)) from None
+    legacy = folder / f"{name}.pt"
+    if legacy.is_file():
+        return _load_legacy(folder, legacy)
+    if required:
+        raise _damaged(folder, name, "the file is missing")
+    return None
+
+
+def _load_legacy(folder: Path, path: Path) -> Any:
+    """A format-1 `.pt` component, read only through torch's weights-only unpickler."""
+    import torch
+
+    from sdtrain.models.torch_file import reason
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - refusals and damage both get one clear message
+        raise _damaged(folder, path.name, reason(exc)) from None
 
 
 def load_state(folder: Path) -> LoadedState:
-    """Read a state folder after verifying its manifest (TrainingError if it does not verify)."""
-    import torch
+    """Read a state folder after verifying its manifest (TrainingError if it does not verify,
+    or if any file in it is damaged or foreign: never a raw parser traceback)."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
@@ -267,18 +324,17 @@ def load_state(folder: Path) -> LoadedState:
             f"cannot resume from {folder}: {problem}",
             hint='use resume = "auto" to pick the newest complete state',
         )
-
-    def load(name: str) -> Any:
-        return torch.load(folder / name, map_location="cpu", weights_only=True)
-
-    counters = Counters(**json.loads((folder / COUNTERS).read_text(encoding="utf-8")))
+    try:
+        trainable = load_file(str(folder / "trainable.safetensors"))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises several kinds
+        raise _damaged(folder, "trainable.safetensors", str(exc).splitlines()[0]) from None
     return LoadedState(
         folder=folder,
-        counters=counters,
-        trainable=load_file(str(folder / "trainable.safetensors")),
-        optimizer=load("optimizer.pt"),
-        scheduler=load("scheduler.pt"),
-        scaler=load("scaler.pt") if (folder / "scaler.pt").exists() else None,
-        config=json.loads((folder / CONFIG).read_text(encoding="utf-8")),
-        rng=load("rng.pt"),
+        counters=load_counters(folder),
+        trainable=trainable,
+        optimizer=_load_component(folder, "optimizer"),
+        scheduler=_load_component(folder, "scheduler"),
+        scaler=_load_component(folder, "scaler", required=False),
+        config=load_state_config(folder),
+        rng=_load_component(folder, "rng"),
     )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -71,22 +70,9 @@ class CheckpointFile:
             raise _damaged(self.path, error) from error
 
     def _open_torch(self) -> None:
-        loaded = None
-        try:
-            try:
-                loaded = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as error:
-                if "mmap" not in str(error):
-                    raise
-                loaded = torch.load(self.path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as error:
-            raise ModelLoadError(
-                f"{self.path} contains pickled Python objects that need arbitrary code to load; "
-                "refusing to load it",
-                hint=_PICKLE_HINT,
-            ) from error
-        except (RuntimeError, EOFError, OSError, ValueError) as error:
-            raise _damaged(self.path, error) from error
+        from sdtrain.models.torch_file import load_weights_only
+
+        loaded = load_weights_only(self.path, "model file", mmap=True)
         if not isinstance(loaded, dict):
             raise ModelLoadError(
                 f"{self.path} does not hold a state dict (found {type(loaded).__name__})",

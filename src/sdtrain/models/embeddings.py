@@ -75,8 +75,12 @@ def _load(path: Path) -> Any:
 
             return load_file(str(path))
         if path.suffix in TORCH_SUFFIXES:
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # corrupt file, pickled code, ...
+            from sdtrain.models.torch_file import load_weights_only
+
+            return load_weights_only(path, "embedding file")
+    except ModelLoadError:
+        raise
+    except Exception as error:  # corrupt file, ...
         raise _bad(path, f"cannot read it: {error}") from error
     raise _bad(path, f"unknown file type '{path.suffix}'")
 

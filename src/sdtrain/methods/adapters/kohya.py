@@ -91,7 +91,9 @@ def read(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             raise ModelLoadError(
                 f"unknown LoRA file type: {path.name}", "use a .safetensors, .pt or .ckpt file"
             )
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        from sdtrain.models.torch_file import load_weights_only
+
+        loaded = load_weights_only(path, "LoRA file")
     except ModelLoadError:
         raise
     except Exception as error:  # corrupt file, pickle with code in it, ...
