@@ -63,6 +63,10 @@ class RunFolderBusy(SdtrainError):
     exit_code = 2
 
 
+class DiskFullError(SdtrainError):
+    """A write failed (or would fail) for lack of space; earlier files are intact."""
+
+
 class DataError(SdtrainError):
     """The dataset cannot be used as given (missing folders, corrupt images, no images)."""
 

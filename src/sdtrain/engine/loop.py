@@ -204,6 +204,7 @@ class Trainer:
             else {}
         )
         point = SavePoint(self.output_dir, stem, epoch_done, counters.global_step, final, metadata)
+        self.saves.ensure_space(stem, self.params, self.optimizer if with_state else None)
         with self._eval_mode():
             self.outputs.extend(self.method.export(self.bundle, point))
         if with_state:

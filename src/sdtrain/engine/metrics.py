@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sdtrain.atomic import write_text
+from sdtrain.atomic import no_space_as_error, write_text
 from sdtrain.config.sections import LoggingSection
 from sdtrain.errors import ConfigError, MissingExtraError, Problem
 
@@ -108,8 +108,9 @@ class MetricsLog:
         self.trackers = trackers
 
     def write(self, record: dict[str, Any]) -> None:
-        self._handle.write(json.dumps(record) + "\n")
-        self._handle.flush()
+        with no_space_as_error(self.path):
+            self._handle.write(json.dumps(record) + "\n")
+            self._handle.flush()
         if self.trackers is not None:
             numeric = {
                 k: float(v)

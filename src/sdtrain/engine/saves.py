@@ -7,7 +7,9 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
+from sdtrain.atomic import ensure_free_space
 from sdtrain.config.sections import SavingSection
 from sdtrain.engine import naming
 from sdtrain.engine.state import DELETING
@@ -47,6 +49,13 @@ class SavePolicy:
         """A periodic save after epoch `epoch` (the last epoch is saved under the final name)."""
         every = self.epoch_every()
         return bool(every) and epoch % every == 0 and epoch < self.num_epochs
+
+    def ensure_space(self, stem: str, params: list[Any], optimizer: Any | None) -> None:
+        """DiskFullError unless the output folder has room for save `stem` (its exported
+        weights, plus a state when `optimizer` is given), with a margin."""
+        weights = sum(p.numel() * p.element_size() for p in params)
+        needed = weights + (weights + _tensor_bytes(optimizer.state_dict()) if optimizer else 0)
+        ensure_free_space(self.output_dir, int(needed * 1.05) + (1 << 20), f"save {stem}")
 
     @property
     def final_state(self) -> bool:
@@ -89,6 +98,17 @@ class SavePolicy:
                 remove(folder)
                 removed.append(folder)
         return removed
+
+
+def _tensor_bytes(value: Any) -> int:
+    """Bytes of every tensor in a nested state dict."""
+    if hasattr(value, "element_size") and hasattr(value, "numel"):
+        return int(value.numel() * value.element_size())
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
 
 
 def nonfinite_cause(bad_batches: list[str], mixed_precision: str) -> str:

@@ -20,7 +20,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sdtrain.atomic import _fsync_dir, atomic_path, save_safetensors, write_text
+from sdtrain.atomic import (
+    _fsync_dir,
+    atomic_path,
+    no_space_as_error,
+    save_safetensors,
+    write_text,
+)
 from sdtrain.engine.state_codec import (
     StateCodecError,
     component_file,
@@ -111,8 +117,13 @@ def _sha256(path: Path) -> str:
 
 
 def save_state(folder: Path, parts: StateParts) -> Path:
-    """Write a complete state to `folder`, replacing any previous one there atomically."""
-    folder = Path(folder)
+    """Write a complete state to `folder`, replacing any previous one there atomically (a full
+    disk is a DiskFullError, with the previous state intact)."""
+    with no_space_as_error(Path(folder)):
+        return _write_state(Path(folder), parts)
+
+
+def _write_state(folder: Path, parts: StateParts) -> Path:
     parent = folder.parent
     parent.mkdir(parents=True, exist_ok=True)
     tmp = parent / f".{folder.name}{WRITING}{os.getpid()}-{time.monotonic_ns()}"
