@@ -77,7 +77,9 @@ def test_the_free_space_check_stops_before_a_save_and_resume_completes(
     assert_same_training(straight, out)
 
 
-def test_a_write_that_hits_enospc_is_a_clear_error(cli, tmp_path, monkeypatch, run_data, small_disk):
+def test_a_write_that_hits_enospc_is_a_clear_error(
+    cli, tmp_path, monkeypatch, run_data, small_disk
+):
     from sdtrain.engine.saves import SavePolicy
 
     out = small_disk / "out"

@@ -256,6 +256,6 @@ def assert_no_unloadable_final_names(output_dir: Path) -> None:
         elif path.suffix == ".toml":
             tomllib.loads(path.read_text(encoding="utf-8"))
         else:
-            assert path.name == "metrics.jsonl", path
+            assert path.name.startswith("metrics.") and path.suffix == ".jsonl", path
             for line in path.read_text(encoding="utf-8").splitlines():
                 json.loads(line)

@@ -235,7 +235,12 @@ class Trainer:
         """Train to the planned step count; returns what was written."""
         import torch
 
-        from sdtrain.engine.metrics import METRICS_FILE, MetricsLog, truncate_metrics
+        from sdtrain.engine.metrics import (
+            METRICS_FILE,
+            MetricsLog,
+            rotate_metrics,
+            truncate_metrics,
+        )
         from sdtrain.engine.stop import StopFlag
         from sdtrain.log import progress
 
@@ -254,6 +259,8 @@ class Trainer:
         tidy_output_dir(self.output_dir)
         if self.resume is not None:
             truncate_metrics(self.output_dir / METRICS_FILE, counters.global_step)
+        else:
+            rotate_metrics(self.output_dir / METRICS_FILE)
         metrics = MetricsLog(self.output_dir, self.trackers)
         if self.hooks.sample and counters.global_step == 0 and self.resume is None:
             self.hooks.sample("first", 0, 0)

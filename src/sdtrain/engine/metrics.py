@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,20 @@ def truncate_metrics(path: Path, last_step: int) -> None:
         if record.get("step", 0) <= last_step:
             kept.append(line)
     write_text(path, "".join(f"{line}\n" for line in kept))
+
+
+def rotate_metrics(path: Path) -> Path | None:
+    """Move a previous run's log aside before a fresh (not resumed) run, so step numbers never
+    repeat in one file: `metrics.jsonl` -> `metrics.N.jsonl` (N = the first free number, so a
+    larger N is a later run). Returns the new name, None when there was nothing to move."""
+    if not path.exists() or path.stat().st_size == 0:
+        return None
+    n = 1
+    while (rotated := path.with_name(f"{path.stem}.{n}{path.suffix}")).exists():
+        n += 1
+    os.replace(path, rotated)
+    logger.info("this run starts fresh: the previous %s was moved to %s", path.name, rotated.name)
+    return rotated
 
 
 class Trackers:
