@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -97,7 +98,9 @@ def blip(
         workers=_workers(workers),
         device=device,
     )
-    caption_folders(folders, model, options).report()
+    summary = caption_folders(folders, model, options)
+    summary.report()
+    _exit_if_failed(summary)
 
 
 @app.command("wd14")
@@ -225,6 +228,22 @@ def wd14(
     result.summary.report()
     if frequency_tags:
         _print_frequency(result.frequency)
+    _exit_if_failed(result.summary)
+
+
+def _exit_if_failed(summary: Any) -> None:
+    """Exit 1 after the summary when any image failed: a partial run is not a success."""
+    if summary.failed:
+        import logging
+
+        total = len(summary.written) + len(summary.skipped) + len(summary.failed)
+        logging.getLogger(__name__).error(
+            "%d of %d image(s) failed (listed above); exit code 1. Fix or remove them and run "
+            "the same command again (images that already have an output are skipped)",
+            len(summary.failed),
+            total,
+        )
+        raise typer.Exit(1)
 
 
 def _print_frequency(frequency: dict[str, int]) -> None:

@@ -26,6 +26,11 @@ class NetworkSection(Section):
     )
     network_weights: str | None = path_field(None, "continue from this kohya LoRA file")
     dim_from_weights: bool = Field(False, description="take dims/alphas from network_weights")
+    network_weights_partial: bool = Field(
+        False,
+        description="allow network_weights to match this network only in part (default: any "
+        "missing or unmatched module is an error)",
+    )
     network_train_unet_only: bool = Field(False, description="train only the U-Net adapter")
     network_train_text_encoder_only: bool = Field(
         False, description="train only the text-encoder adapter"

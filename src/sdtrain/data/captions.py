@@ -200,7 +200,8 @@ def read_caption_file(
 
     First existing candidate (`caption_candidates`) wins. Without wildcards: the first line,
     stripped. With wildcards: all non-blank lines, stripped, joined with "\\n" (one is picked per
-    use). A file that is not UTF-8 or has no content at all raises DataError. sdtrain differs: a
+    use). A file that is not UTF-8 raises DataError; an empty one gives "" (the image trains with
+    an empty caption, as in the reference; the plan warns with a count). sdtrain differs: a
     UTF-8 byte-order mark is ignored (the reference kept it as part of the first tag).
     """
     for path in caption_candidates(image_path, caption_extension):
@@ -218,11 +219,6 @@ def read_caption_file(
         ) from exc
     except OSError as exc:
         raise DataError(f"cannot read caption file {path}: {exc}", "check its permissions") from exc
-    if text == "":
-        raise DataError(
-            f"caption file {path} is empty",
-            "write a caption into it, or delete it to use the subset's class_tokens",
-        )
     lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
     if enable_wildcard:
         return "\n".join(line.strip() for line in lines if line.strip())

@@ -12,6 +12,7 @@ from sdtrain.data.imageinfo import ImageInfo, UnreadableImage, read_image_info
 from sdtrain.data.info_cache import InfoCache
 from sdtrain.data.items import ImageEntry, InvalidImage
 from sdtrain.data.metadata import FolderIndex, metadata_entries, metadata_tag_frequency
+from sdtrain.data.pixels import pixel_problem, should_verify
 from sdtrain.data.scan import find_images
 from sdtrain.errors import DataError
 
@@ -24,6 +25,7 @@ class Collected:
 
     images: list[ImageEntry] = field(default_factory=list)
     invalid: list[InvalidImage] = field(default_factory=list)
+    empty_captions: list[Path] = field(default_factory=list)  # caption files with no text
     missing_captions: list[Path] = field(default_factory=list)
     tag_frequency_key: str = ""
     tag_frequency: dict[str, int] = field(default_factory=dict)
@@ -78,10 +80,15 @@ def collect_dreambooth(values: dict[str, Any], write_cache: bool = False) -> Col
         except UnreadableImage as exc:
             out.invalid.append(InvalidImage(path, exc.reason))
             continue
-        except DataError as exc:  # empty or non-UTF-8 caption file
+        except DataError as exc:  # a non-UTF-8 or unreadable caption file
             out.invalid.append(InvalidImage(path, exc.message))
             continue
+        if should_verify() and (problem := pixel_problem(path)):
+            out.invalid.append(InvalidImage(path, problem))
+            continue
         has_caption = caption is not None
+        if caption == "":
+            out.empty_captions.append(path)
         if caption is None:
             out.missing_captions.append(path)
             caption = values.get("class_tokens") or ""
@@ -120,6 +127,9 @@ def collect_finetune(values: dict[str, Any], index: FolderIndex) -> Collected:
             except UnreadableImage as exc:
                 out.invalid.append(InvalidImage(entry.path, exc.reason))
                 continue
+        if should_verify() and (problem := pixel_problem(entry.path)):
+            out.invalid.append(InvalidImage(entry.path, problem))
+            continue
         if not entry.caption:
             out.missing_captions.append(entry.path)
         out.images.append(

@@ -235,6 +235,13 @@ def _collect_subsets(
         plan.invalid.extend(got.invalid)
         if got.missing_captions:
             plan.warnings.append(_missing_caption_warning(sub, values, got))
+        if got.empty_captions:
+            count = len(got.empty_captions)
+            names = ", ".join(p.name for p in got.empty_captions[:_LISTED])
+            plan.warnings.append(
+                f"{sub.label}: {count} caption file(s) are empty; those images train with an "
+                f"empty caption ({names}{', ...' if count > _LISTED else ''})"
+            )
         plan.subsets.append(_subset_plan(sub, values, got))
 
 
@@ -267,6 +274,7 @@ def _assign_buckets(ds: ResolvedDataset, plan: DatasetPlan) -> None:
     choices: dict[Size, BucketChoice] = {}
     samples: dict[Size, int] = {}
     held_out = {id(s) for s in plan.validation}
+    tiny: list = []
     for subset in [*plan.subsets, *plan.validation]:
         kept = []
         for image in subset.images:
@@ -284,6 +292,8 @@ def _assign_buckets(ds: ResolvedDataset, plan: DatasetPlan) -> None:
                     continue
                 choices[size] = choice
             image.bucket, image.resized_size = choice.bucket, choice.resized
+            if _upscale(size, choice.resized) > TINY_UPSCALE:
+                tiny.append(image)
             image.ar_error = choice.ar_error
             image.crop_ltrb = crop_ltrb(size, choice.bucket)
             kept.append(image)
@@ -291,12 +301,27 @@ def _assign_buckets(ds: ResolvedDataset, plan: DatasetPlan) -> None:
                 continue  # held out: bucketed for the validation loss, never a training sample
             samples[choice.bucket] = samples.get(choice.bucket, 0) + image.num_repeats
         subset.images = kept
+    if tiny:
+        smallest = min(tiny, key=lambda image: image.original_size[0] * image.original_size[1])
+        w, h = smallest.original_size
+        plan.warnings.append(
+            f"datasets[{plan.index}]: {len(tiny)} image(s) are upscaled more than "
+            f"{TINY_UPSCALE:g}x to fit their bucket and will train blurry (smallest: "
+            f"{smallest.path.name}, {w}x{h}); use larger images, or bucket_no_upscale = true"
+        )
     batch = plan.batch_size
     plan.buckets = [
         BucketStat(reso, count, math.ceil(count / batch))
         for reso, count in sorted(samples.items())
         if count > 0
     ]
+
+
+TINY_UPSCALE = 4.0  # linear upscale factor above which an image is called too small
+
+
+def _upscale(size: Size, resized: Size) -> float:
+    return max(resized[0] / max(size[0], 1), resized[1] / max(size[1], 1))
 
 
 def plan_dataset(

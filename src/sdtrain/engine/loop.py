@@ -24,7 +24,7 @@ from sdtrain.data.batch import Batch
 from sdtrain.data.steps import StepPlan
 from sdtrain.engine import naming
 from sdtrain.engine.metrics import Trackers
-from sdtrain.engine.saves import SavePolicy, nonfinite_cause
+from sdtrain.engine.saves import SavePolicy, nonfinite_cause, nonfinite_hint
 from sdtrain.engine.state import (
     Counters,
     LoadedState,
@@ -246,6 +246,7 @@ class Trainer:
 
         self._setup()
         counters = self._restore()
+        self._start_norm = self._weight_norm()
         self.saves = SavePolicy(
             self.sections.saving,
             self.output_dir,
@@ -282,8 +283,11 @@ class Trainer:
                     window_paths: list[str] = []
                     window_bad = False
                     position = counters.position
-                    for batch in self.data.iterate(
-                        counters.epoch, counters.position, self._step_of(counters.epoch)
+                    for batch in self._stop_on_bad_image(
+                        self.data.iterate(
+                            counters.epoch, counters.position, self._step_of(counters.epoch)
+                        ),
+                        counters,
                     ):
                         micro = position % steps.gradient_accumulation_steps
                         generator = torch.Generator(device="cpu").manual_seed(
@@ -484,6 +488,33 @@ class Trainer:
         if self.hooks.sample:
             self.hooks.sample("epoch", epoch, counters.global_step)
 
+    def _stop_on_bad_image(self, batches: Iterator[Batch], counters: Counters) -> Iterator[Batch]:
+        """Pass batches through; an image that fails to load mid-run (changed on disk after the
+        plan decoded it) writes a state at the last completed step before the DataError stops
+        the run, so nothing since the last save is lost."""
+        from sdtrain.errors import DataError
+
+        iterator = iter(batches)
+        while True:
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            except DataError as error:
+                stem = naming.step_stem(self.output_name, counters.global_step)
+                folder = save_state(
+                    self.output_dir / naming.state_dir_name(stem), self._state_parts(counters)
+                )
+                lines = [line for line in error.message.splitlines() if line.strip()]
+                reason = lines[-1] if "Traceback" in error.message else error.message
+                raise DataError(
+                    f"{reason}\ntraining stopped after step {counters.global_step}; "
+                    f"state written to {folder}",
+                    hint="fix or remove the image, then resume with: "
+                    f"{self.resume_hint} --resume {folder}".strip(),
+                ) from None
+            yield batch
+
     def _interrupt(self, counters: Counters, signal_name: str) -> None:
         stem = naming.step_stem(self.output_name, counters.global_step)
         folder = save_state(
@@ -502,9 +533,18 @@ class Trainer:
             self.output_dir / naming.state_dir_name(stem),
             self._state_parts(counters, scheduler_state),
         )
-        cause = nonfinite_cause(paths, self.precision.mixed_precision)
+        growth = self._weight_norm() / max(self._start_norm, 1e-12)
+        kind, cause = nonfinite_cause(paths, self.precision.mixed_precision, growth)
         raise TrainingError(
             f"{len(paths)} consecutive steps had a non-finite loss or gradient; {cause}",
-            hint=f"a state from before the first bad step is at {folder}; fix the cause and "
-            f"resume with: {self.resume_hint} --resume {folder}".strip(),
+            hint=nonfinite_hint(
+                kind, self.resume_hint, folder, self.sections.optimizer.learning_rate
+            ),
         )
+
+    def _weight_norm(self) -> float:
+        """L2 norm of every trainable parameter together (for the explosion diagnosis)."""
+        import torch
+
+        norms = [p.detach().float().norm() for p in self.params]
+        return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0

@@ -64,8 +64,9 @@ class SavePolicy:
     def retire(self, kind: str, value: int) -> list[Path]:
         """Delete the save (and state) that falls out of the window after saving `value`.
 
-        Works by name in the output folder, so saves written before a resume retire too; the
-        state a running resume started from is never deleted. Returns the deleted paths.
+        Works by name in the output folder, so saves written before a resume retire too, the
+        state this run resumed from included (a run that writes no states keeps it). Returns the
+        deleted paths.
         """
         saving = self.saving
         if kind == "epoch":
@@ -94,7 +95,13 @@ class SavePolicy:
                     removed.append(path)
         if state_victim is not None:
             folder = self.output_dir / naming.state_dir_name(stem(self.output_name, state_victim))
-            if self.protected is None or folder.resolve() != self.protected:
+            # the state this run resumed from retires like any other once this run writes newer
+            # states (it did so just before this call); only a run saving no states keeps it
+            if (
+                self.saving.save_state
+                or self.protected is None
+                or folder.resolve() != self.protected
+            ):
                 remove(folder)
                 removed.append(folder)
         return removed
@@ -111,15 +118,57 @@ def _tensor_bytes(value: Any) -> int:
     return 0
 
 
-def nonfinite_cause(bad_batches: list[str], mixed_precision: str) -> str:
-    """A diagnosis for consecutive non-finite steps (bad_batches: ", "-joined image paths)."""
+EXPLODING = 10.0  # weight-norm growth since the run started that counts as exploding
+
+
+def nonfinite_cause(
+    bad_batches: list[str], mixed_precision: str, growth: float | None = None
+) -> tuple[str, str]:
+    """(kind, diagnosis) for consecutive non-finite steps. bad_batches: ", "-joined image paths;
+    growth: the trainable weights' norm at the last finite step over their norm at the start.
+    kind: "image", "fp16" or "lr"."""
+    if growth is not None and growth > EXPLODING:  # then a repeated image is a coincidence
+        return "lr", (
+            "the trainable weights were already exploding before the first non-finite loss "
+            f"(their norm grew {growth:.3g}x since the run started): the learning rate is far "
+            "too high"
+        )
     sets = [set(p.split(", ")) for p in bad_batches]
     repeated = set.intersection(*sets) if sets else set()
     if repeated:
-        return f"the same image is in every bad batch: {', '.join(sorted(repeated))}"
+        return "image", f"the same image is in every bad batch: {', '.join(sorted(repeated))}"
     if mixed_precision == "fp16":
-        return 'likely fp16 overflow: try mixed_precision = "bf16" or no_half_vae'
-    return "likely a learning rate that is too high (or a corrupt image)"
+        return "fp16", 'likely fp16 overflow: try mixed_precision = "bf16" or no_half_vae'
+    return "lr", "likely a learning rate that is too high (or a corrupt image)"
+
+
+def nonfinite_hint(kind: str, command: str, folder: Path, learning_rate: float | None) -> str:
+    """What to change and the resume command for it: never the settings that diverged."""
+    import shlex
+
+    where = f"a state from before the first bad step is at {folder}"
+    if kind == "image":
+        return f"{where}; fix or remove that image, then resume with: {command} --resume {folder}"
+    if kind == "fp16":
+        return (
+            f"{where}; resume in bf16 or fp32 with: {command} --mixed_precision bf16 "
+            f"--resume_allow_changes training.mixed_precision --resume {folder}"
+        )
+    parts, kept, skip = shlex.split(command), [], False
+    for part in parts:
+        if skip:
+            skip = False
+        elif part in ("--learning_rate", "--learning-rate"):
+            skip = True
+        elif not part.startswith(("--learning_rate=", "--learning-rate=")):
+            kept.append(part)
+    lower = f"{learning_rate / 10:g}" if learning_rate else "<a lower value>"
+    now = f" (now {learning_rate:g})" if learning_rate else ""
+    return (
+        f"{where}; lower the learning rate{now} and resume with: "
+        f"{' '.join(shlex.quote(p) for p in kept)} --learning_rate {lower} "
+        f"--resume_allow_changes optimizer.learning_rate --resume {folder}"
+    )
 
 
 def remove(path: Path) -> None:

@@ -125,10 +125,23 @@ class LoraMethod:
             module.down.float()
             module.up.float()
         if self._weights is not None:
-            kohya.load_into(network, self._weights, str(self.section.network_weights)).log(
-                f"network_weights {Path(str(self.section.network_weights)).name}"
-            )
+            report = kohya.load_into(network, self._weights, str(self.section.network_weights))
+            report.log(f"network_weights {Path(str(self.section.network_weights)).name}")
             self._weights = None
+            mismatch = report.mismatch(len(network.modules))
+            if mismatch and not self.section.network_weights_partial:
+                raise ConfigError(
+                    [
+                        Problem(
+                            key="network.network_weights",
+                            message=f"{self.section.network_weights} does not fit this network: "
+                            f"{mismatch}",
+                            hint="a LoRA for another architecture (SDXL?), or other network "
+                            "settings (network_dim/network_args/conv_dim, *_only); set "
+                            "network_weights_partial = true to load only the matching part",
+                        )
+                    ]
+                )
         network.train(True)
         groups = network.param_groups(self.text_encoder_lr, self.unet_lr)
         self._trains_te = any(

@@ -20,9 +20,20 @@ REFUSED = (
 REFUSED_HINT = "use a .safetensors version of the file, or convert it with a tool you trust"
 
 
+def refused(error: BaseException) -> bool:
+    """True when torch's weights-only unpickler refused the file's content (a pickle asking for
+    code), as opposed to a file that is not a readable pickle at all."""
+    text = str(error)
+    return (
+        isinstance(error, pickle.UnpicklingError)
+        and "Weights only load failed" in text
+        and "Unsupported operand" not in text  # a byte stream that is no pickle at all
+    )
+
+
 def reason(error: BaseException) -> str:
     """A one-line reason for a failed weights-only load, free of torch's unsafe advice."""
-    if isinstance(error, pickle.UnpicklingError):
+    if refused(error):
         return REFUSED
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     if "weights_only" in text or "pickle" in text.lower():
@@ -43,9 +54,11 @@ def load_weights_only(path: Path, what: str, mmap: bool = False) -> Any:
                 if "mmap" not in str(error):
                     raise
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise ModelLoadError(f"cannot read {what} {path}: {REFUSED}", hint=REFUSED_HINT) from None
     except Exception as error:  # noqa: BLE001 - zip/EOF/OS errors of a damaged file
+        if refused(error):
+            raise ModelLoadError(
+                f"cannot read {what} {path}: {REFUSED}", hint=REFUSED_HINT
+            ) from None
         raise ModelLoadError(
             f"cannot read {what} {path}: it looks truncated or damaged ({reason(error)})",
             hint="check that the file is complete (copy or download it again)",

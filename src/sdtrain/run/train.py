@@ -66,6 +66,7 @@ def prepare(loaded: LoadedConfig, command: str, write_caches: bool = False) -> P
     """Validate everything that needs no weights: required keys, the dataset plan, the seed,
     the prompt file, the state to resume from and its config differences."""
     from sdtrain.config.resolved import resolved_dict
+    from sdtrain.data.pixels import verifying_pixels
     from sdtrain.data.plan import plan_for_run
     from sdtrain.engine.fused_backward import check_fused_backward
     from sdtrain.engine.resume import check_resume_config, data_fingerprint, resolve_resume
@@ -76,7 +77,8 @@ def prepare(loaded: LoadedConfig, command: str, write_caches: bool = False) -> P
     cfg = loaded.config
     check_run_folder_free(Path(str(cfg.training.output_dir)))  # before reading its states
     check_fused_backward(cfg.optimizer, cfg.training)
-    plan = plan_for_run(loaded, write_caches=write_caches)  # cache_info size caches
+    with verifying_pixels():  # decode every image once: broken pixel data is found here
+        plan = plan_for_run(loaded, write_caches=write_caches)  # cache_info size caches
     from sdtrain.run.checks import check_before_load
 
     check_before_load(loaded, plan)

@@ -69,7 +69,7 @@ def test_beam_search_matches_transformers_and_ignores_the_seed(cli, images, blip
         "2",
     ]
     result = cli([*args, "--seed", "1"])
-    assert result.exit_code == 0
+    assert result.exit_code == 1  # d.png failed: a partial run is not a success
     first = _captions(images)
     assert set(first) == {"a", "b", "c"}
     assert len(set(first.values())) == 3  # the tiny model's captions depend on the image
@@ -122,6 +122,7 @@ def test_existing_captions_are_kept(cli, images, blip_model):
     assert (images / "a.caption").read_text(encoding="utf-8") == "mine\n"
     assert (images / "b.caption").exists()
     assert flat("written 2, skipped 1, failed 1") in flat(result.output)
+    assert result.exit_code == 1 and flat("1 of 3 image(s) failed") in flat(result.output)
 
 
 def test_unknown_model_is_a_model_error(cli, images, tmp_path):

@@ -120,7 +120,8 @@ def test_append_keeps_existing_tags_first(cli, images, wd14_model):
 def test_corrupt_image_is_reported_and_the_others_written(cli, images, wd14_model):
     (images / "broken.png").write_bytes(b"\x89PNG not really")
     result = cli(["caption", "wd14", str(images), "--model", str(wd14_model), "--batch_size", "2"])
-    assert result.exit_code == 0
+    assert result.exit_code == 1  # a partial run is not a success
+    assert flat("1 of 4 image(s) failed") in flat(result.output)
     assert not (images / "broken.txt").exists()
     assert _tags(images, "white") == WHITE + "\n"
     assert flat("written 3, skipped 0, failed 1") in flat(result.output)

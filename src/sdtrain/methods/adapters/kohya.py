@@ -39,6 +39,19 @@ class LoadReport:
                     "%s: %d %s keys: %s%s", what, len(keys), label, ", ".join(keys[:5]), more
                 )
 
+    def mismatch(self, total: int) -> str | None:
+        """None when the file matched every module exactly, else counts and a few keys."""
+        if not (self.missing or self.unexpected):
+            return None
+        parts = [f"{len(self.loaded)} of {total} LoRA modules of this network found in the file"]
+        for label, keys in (
+            ("keys of this network are missing from the file", self.missing),
+            ("keys in the file match no module here", self.unexpected),
+        ):
+            if keys:
+                parts.append(f"{len(keys)} {label} (e.g. {', '.join(keys[:3])})")
+        return "; ".join(parts)
+
 
 def state_dict(network: LoraNetwork, save_precision: str | None = None) -> dict[str, torch.Tensor]:
     """Kohya tensors of every module (CPU, contiguous).
