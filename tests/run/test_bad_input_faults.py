@@ -380,7 +380,7 @@ ROWS = [
     ),
     # .pt files only through the weights-only loader, with our message
     Row("network_weights: hostile .pt", network_weights("hostile"), 1, "sdtrain refuses"),
-    Row("network_weights: garbage .pt", network_weights("garbage"), 1, "truncated or damaged"),
+    Row("network_weights: garbage .pt", network_weights("garbage"), 2, "not a torch checkpoint"),
     Row("network_weights: SDXL LoRA", network_weights("foreign"), 2, "does not fit this network"),
     Row(
         "network_weights: SDXL LoRA, partial allowed",
