@@ -153,7 +153,9 @@ def test_breaking_config_changes_are_named_and_need_allowing(cli, tmp_path, run_
     assert [r["step"] for r in metrics(out)] == [5, 6, 7]
 
 
-def test_retention_spans_resumes_and_spares_the_resumed_state(cli, tmp_path, monkeypatch, run_data):
+def test_retention_spans_resumes_and_retires_the_resumed_state(
+    cli, tmp_path, monkeypatch, run_data
+):
     """Epoch saves every epoch, keep the last 2 models and 1 state (reference windows)."""
     training = {"max_train_epochs": 4}  # 12 steps, 3 per epoch
     saving = {
@@ -173,13 +175,13 @@ def test_retention_spans_resumes_and_spares_the_resumed_state(cli, tmp_path, mon
         "t-step00000004-state",
     }
     monkeypatch.undo()
-    # resume from the older epoch-1 state: its own window would delete it after epoch 2
+    # resume from the older epoch-1 state: its window deletes it after epoch 2 like any other
+    # (issue 15: the states a run resumed from were never pruned); newer states exist by then
     train(cli, config, "--resume", str(out / "t-000001-state"))
     assert {p.name for p in out.glob("t*")} == {
         "t-000002.safetensors",  # epoch 1's model (written by the first process) fell out
         "t-000003.safetensors",
-        "t-000001-state",  # kept: the running resume depends on it
-        "t-000003-state",  # epoch 2's state fell out of the 1-state window
+        "t-000003-state",  # epoch 1's (resumed) and epoch 2's states fell out of the window
         "t-step00000004-state",  # the interrupt's state is not part of the epoch window
         "t.safetensors",
         "t-state",

@@ -14,7 +14,7 @@ import pytest
 from train_runs import make_dataset, write_config
 
 from sdtrain.errors import RunFolderBusy
-from sdtrain.run.lock import LOCK_FILE, hold_run_folder
+from sdtrain.run.lock import LOCK_FILE, check_run_folder_free, hold_run_folder
 
 HOLD = textwrap.dedent(
     """
@@ -52,7 +52,8 @@ def test_non_main_ranks_take_no_lock(tmp_path, monkeypatch):
     out = tmp_path / "out"
     with hold_run_folder(out):
         monkeypatch.setenv("RANK", "1")
-        with hold_run_folder(out):  # rank 1 of the same run: no second lock
+        check_run_folder_free(out)  # rank 1 of the same run: its main process holds the lock
+        with hold_run_folder(out):
             pass
 
 

@@ -39,7 +39,10 @@ def _busy(output_dir: Path, path: Path) -> RunFolderBusy:
 
 
 def check_run_folder_free(output_dir: Path) -> None:
-    """Raise RunFolderBusy if a live run holds `output_dir` (creates nothing; for --dry-run)."""
+    """Raise RunFolderBusy if a live run holds `output_dir` (creates nothing). Other ranks of a
+    multi-process run skip it: their own main process holds the lock."""
+    if not is_main_process():
+        return
     import fcntl
 
     path = Path(output_dir) / LOCK_FILE

@@ -122,7 +122,7 @@ def test_existing_captions_are_kept(cli, images, blip_model):
     assert (images / "a.caption").read_text(encoding="utf-8") == "mine\n"
     assert (images / "b.caption").exists()
     assert flat("written 2, skipped 1, failed 1") in flat(result.output)
-    assert result.exit_code == 1 and flat("1 of 3 image(s) failed") in flat(result.output)
+    assert result.exit_code == 1 and flat("1 of 4 image(s) failed") in flat(result.output)
 
 
 def test_unknown_model_is_a_model_error(cli, images, tmp_path):
