@@ -67,11 +67,12 @@ def quiet_third_party(verbose: bool) -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def progress(transient: bool = False) -> Progress:
+def progress(transient: bool = False, disable: bool = False) -> Progress:
     """A rich progress bar (count, elapsed, ETA) on stderr; only the final state off a TTY.
 
     Fits 80 columns: the bar and the time columns have fixed widths and the free-text `info`
     field takes what is left (cut with "…" when the terminal is narrow), so the times always show.
+    `disable`: draw nothing (processes other than the main one of a multi-process run).
     """
     from rich.progress import (
         BarColumn,
@@ -97,4 +98,5 @@ def progress(transient: bool = False) -> Progress:
         console=console,
         transient=transient,
         expand=True,
+        disable=disable,
     )

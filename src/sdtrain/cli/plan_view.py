@@ -186,7 +186,18 @@ def render_plan(console: Console, plan: Plan, verbose: bool = False) -> None:
         render_dataset(console, dataset, verbose)
     console.rule("[bold]totals")
     facts = plan.facts
-    console.print(f"batches per epoch: [bold]{plan.batches_per_epoch}[/]")
+    processes = facts.num_processes
+    batches = "global batches" if processes > 1 else "batches"
+    console.print(f"{batches} per epoch: [bold]{plan.batches_per_epoch}[/]")
+    for dataset in plan.datasets:
+        accumulation = facts.gradient_accumulation_steps
+        console.print(
+            f"global batch of datasets[{dataset.index}]: [bold]"
+            f"{dataset.batch_size * processes * accumulation}[/] samples per optimizer step "
+            f"(train_batch_size {dataset.batch_size} x {processes} "
+            f"process{'es' if processes > 1 else ''} x gradient_accumulation_steps "
+            f"{accumulation})"
+        )
     if plan.steps is None:
         console.print("[red]no usable images: nothing to train on")
         return

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import dataclass
 
 from sdtrain.seeds import derive_seed
 
@@ -56,3 +57,39 @@ def interleave_datasets(
     ]
     random.Random(derive_seed(seed, "epoch-datasets", epoch)).shuffle(tagged)
     return tagged
+
+
+@dataclass(frozen=True)
+class Share:
+    """One process's part of a global batch.
+
+    `slots` are the positions of this process's samples inside the global batch (per-sample
+    random draws are keyed by them, never by the rank); `size` is the global batch's sample
+    count. `padding` marks a process whose share is empty (a bucket's last global batch has
+    fewer samples than processes): it runs the batch's last sample with loss weight 0, so that
+    every process takes part in the gradient exchange.
+    """
+
+    slots: tuple[int, ...]
+    size: int
+    processes: int = 1
+    padding: bool = False
+
+    @property
+    def weight(self) -> float:
+        """Multiplier of this process's mean loss so that the mean over processes is the mean
+        over the global batch's samples: real samples here x processes / global samples."""
+        if self.padding:
+            return 0.0
+        return len(self.slots) * self.processes / self.size
+
+
+def process_share(size: int, num_processes: int, rank: int) -> Share:
+    """Rank `rank`'s contiguous slice of a global batch of `size` samples (sizes differ by at
+    most one; one process and N processes see the same global batch)."""
+    base, extra = divmod(size, num_processes)
+    count = base + (1 if rank < extra else 0)
+    start = rank * base + min(rank, extra)
+    if count == 0:
+        return Share((size - 1,), size, num_processes, padding=True)
+    return Share(tuple(range(start, start + count)), size, num_processes)

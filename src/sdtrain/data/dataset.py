@@ -3,6 +3,11 @@
 Every sample's randomness (caption shuffle/dropout, flip, crop, colour) comes from a
 `random.Random` seeded with (seed, epoch, position, slot), so batch k of epoch e is the same
 whether it is reached straight or after any number of resumes, in any worker process.
+
+With several processes the epoch is cut into *global* batches of batch_size x processes samples;
+each process loads its contiguous slice of every global batch (data.batches.process_share), and
+`slot` is the sample's position in the global batch. So one process with batch 2 and two
+processes with batch 1 see the same batches and draw the same numbers.
 """
 
 from __future__ import annotations
@@ -13,7 +18,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sdtrain.data.batches import batches_per_epoch, epoch_batches, interleave_datasets
+from sdtrain.data.batches import (
+    Share,
+    batches_per_epoch,
+    epoch_batches,
+    interleave_datasets,
+    process_share,
+)
 from sdtrain.data.captions import CaptionRecipe, process_caption, token_warmup_steps
 from sdtrain.data.items import DatasetPlan, ImageEntry, SubsetPlan
 from sdtrain.seeds import derive_seed
@@ -63,8 +74,12 @@ class TrainDataset:
         replacements: list[tuple[str, Any]] | None = None,
         workers: int = 0,
         persistent_workers: bool = False,
+        num_processes: int = 1,
+        process_index: int = 0,
     ) -> None:
         self.datasets = datasets
+        self.num_processes = num_processes
+        self.process_index = process_index
         self.seed = seed
         self.store = store
         self.latent_keys = latent_keys or {}
@@ -89,24 +104,43 @@ class TrainDataset:
             self.samples.append(samples)
             self.buckets.append([by_bucket[b] for b in sorted(by_bucket)])
         self.batches_per_epoch = sum(
-            batches_per_epoch([len(b) for b in buckets], int(plan.params["batch_size"]))
+            batches_per_epoch([len(b) for b in buckets], self.global_batch_size(plan))
             for plan, buckets in zip(datasets, self.buckets, strict=True)
         )
 
+    def global_batch_size(self, plan: DatasetPlan) -> int:
+        """Samples per global batch of a dataset: its batch_size x processes."""
+        return int(plan.params["batch_size"]) * self.num_processes  # type: ignore[call-overload]
+
     def epoch_order(self, epoch: int) -> list[tuple[int, list[int]]]:
-        """(dataset index, sample ids) for every batch of `epoch`, in training order."""
+        """(dataset index, sample ids) for every global batch of `epoch`, in training order."""
         per_dataset = [
-            epoch_batches(buckets, int(plan.params["batch_size"]), self.seed, epoch)
+            epoch_batches(buckets, self.global_batch_size(plan), self.seed, epoch)
             for plan, buckets in zip(self.datasets, self.buckets, strict=True)
         ]
         return interleave_datasets(per_dataset, self.seed, epoch)
+
+    def share(self, ids: list[int]) -> tuple[list[int], Share]:
+        """This process's sample ids of a global batch, and where they sit in it."""
+        part = process_share(len(ids), self.num_processes, self.process_index)
+        return [ids[slot] for slot in part.slots], part
 
     def image(self, dataset: int, ref: SampleRef) -> tuple[SubsetPlan, ImageEntry]:
         subset = self.datasets[dataset].subsets[ref.subset]
         return subset, subset.images[ref.image]
 
-    def load(self, epoch: int, position: int, dataset: int, ids: list[int], step: int) -> Batch:
-        """Build batch `position` of `epoch` (deterministic for these arguments)."""
+    def load(
+        self,
+        epoch: int,
+        position: int,
+        dataset: int,
+        ids: list[int],
+        step: int,
+        share: Share | None = None,
+    ) -> Batch:
+        """Build batch `position` of `epoch` (deterministic for these arguments).
+
+        `share` places `ids` in the global batch (None: `ids` is the whole global batch)."""
         import torch
 
         from sdtrain.data.batch import Batch
@@ -114,7 +148,8 @@ class TrainDataset:
         captions, paths, flips, originals, crops, targets = [], [], [], [], [], []
         pixels, latents, masks, keys = [], [], [], []
         is_reg = []
-        for slot, sample_id in enumerate(ids):
+        slots = list(share.slots) if share is not None else list(range(len(ids)))
+        for slot, sample_id in zip(slots, ids, strict=True):
             ref = self.samples[dataset][sample_id]
             subset, entry = self.image(dataset, ref)
             rng = random.Random(derive_seed(self.seed, "sample", epoch, position, slot))
@@ -157,6 +192,9 @@ class TrainDataset:
             network_multiplier=float(multiplier),
             dataset_index=dataset,
             cache_keys=keys,
+            slots=slots,
+            global_size=share.size if share is not None else len(ids),
+            loss_weight=share.weight if share is not None else 1.0,
         )
 
     def _pixels(
@@ -177,7 +215,8 @@ class TrainDataset:
         if self.workers <= 0 or len(order) - start <= 1:
             for pos in range(start, len(order)):
                 dataset, ids = order[pos]
-                yield self.load(epoch, pos, dataset, ids, step_of(pos))
+                mine, share = self.share(ids)
+                yield self.load(epoch, pos, dataset, mine, step_of(pos), share)
             return
         if self._loader is None:
             import torch.utils.data as tud
@@ -256,4 +295,5 @@ class _ByPosition:
         dataset, ids = self._orders[epoch][position]
         steps = self.dataset.steps
         step = steps.steps_before(epoch, position) if steps is not None else 0
-        return self.dataset.load(epoch, position, dataset, ids, step)
+        mine, share = self.dataset.share(ids)
+        return self.dataset.load(epoch, position, dataset, mine, step, share)

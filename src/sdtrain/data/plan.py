@@ -266,7 +266,7 @@ def _balance(plan: DatasetPlan) -> None:
         )
 
 
-def _assign_buckets(ds: ResolvedDataset, plan: DatasetPlan) -> None:
+def _assign_buckets(ds: ResolvedDataset, plan: DatasetPlan, num_processes: int = 1) -> None:
     resolution: Size = ds.values["resolution"]
     area = resolution[0] * resolution[1]
     step = ds.values["bucket_reso_steps"]
@@ -309,7 +309,7 @@ def _assign_buckets(ds: ResolvedDataset, plan: DatasetPlan) -> None:
             f"{TINY_UPSCALE:g}x to fit their bucket and will train blurry (smallest: "
             f"{smallest.path.name}, {w}x{h}); use larger images, or bucket_no_upscale = true"
         )
-    batch = plan.batch_size
+    batch = plan.batch_size * num_processes  # global batch: every process takes a slice
     plan.buckets = [
         BucketStat(reso, count, math.ceil(count / batch))
         for reso, count in sorted(samples.items())
@@ -329,10 +329,11 @@ def plan_dataset(
     index: FolderIndex | None = None,
     write_caches: bool = False,
     seed: int | None = None,
+    num_processes: int = 1,
 ) -> DatasetPlan:
     """Resolve one dataset: collect subsets, hold out the validation split, balance reg images,
-    assign buckets, count batches. `seed`: the validation split's seed when the dataset has no
-    validation_seed."""
+    assign buckets, count batches (global batches of batch_size x num_processes samples).
+    `seed`: the validation split's seed when the dataset has no validation_seed."""
     values = dict(ds.values)
     plan = DatasetPlan(
         index=ds.index,
@@ -345,7 +346,7 @@ def plan_dataset(
     split_validation(plan, seed)
     if ds.kind == "dreambooth":
         _balance(plan)
-    _assign_buckets(ds, plan)
+    _assign_buckets(ds, plan, num_processes)
     return plan
 
 
@@ -363,7 +364,9 @@ def build_plan(
     is the gate training passes through. `write_caches` writes `cache_info` size caches.
     """
     index = FolderIndex()
-    plans = [plan_dataset(ds, index, write_caches, facts.seed) for ds in datasets]
+    plans = [
+        plan_dataset(ds, index, write_caches, facts.seed, facts.num_processes) for ds in datasets
+    ]
     warnings = []
     for plan in plans:
         warnings += [f"{entry}; subset skipped" for entry in plan.skipped] + plan.warnings
@@ -384,7 +387,6 @@ def build_plan(
             facts.gradient_accumulation_steps,
             facts.max_train_steps,
             facts.max_train_epochs,
-            facts.num_processes,
         )
     return Plan(
         datasets=plans,
@@ -398,7 +400,7 @@ def build_plan(
 
 def plan_for_run(
     loaded: LoadedConfig,
-    num_processes: int = 1,
+    num_processes: int | None = None,
     write_caches: bool = False,
     support: Support | None = None,
 ) -> Plan:
@@ -406,10 +408,12 @@ def plan_for_run(
 
     `support` (the dataset kinds allowed) defaults to the command it was loaded for
     (`loaded.command.support`, from the method registry; every kind when built by hand).
+    `num_processes` defaults to the launcher's WORLD_SIZE (1 without a launcher).
     """
     from sdtrain.config.blueprint import ANY_KIND
     from sdtrain.config.blueprint_load import dataset_blueprint
     from sdtrain.config.chain import resolve_blueprint, run_level_for, run_origins
+    from sdtrain.launch import world_size
 
     config = loaded.config
     blueprint = dataset_blueprint(
@@ -421,5 +425,6 @@ def plan_for_run(
         run_origins(loaded),
     )
     resolved = resolve_blueprint(blueprint, run_level_for(loaded))
-    facts = StepSettings.from_section(config.training, num_processes)
+    processes = world_size() if num_processes is None else num_processes
+    facts = StepSettings.from_section(config.training, processes)
     return build_plan(config.dataset, resolved, facts, blueprint.source, write_caches)

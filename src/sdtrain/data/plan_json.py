@@ -95,6 +95,7 @@ def plan_document(plan: Plan) -> dict[str, Any]:
         "num_epochs": steps.num_epochs if steps else 0,
         "total_steps": steps.total_steps if steps else 0,
         "gradient_accumulation_steps": plan.facts.gradient_accumulation_steps,
+        "num_processes": plan.facts.num_processes,
         "max_train_steps": plan.facts.max_train_steps,
         "max_train_epochs": plan.facts.max_train_epochs,
         "skip_invalid_images": plan.skip_invalid_images,

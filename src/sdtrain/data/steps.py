@@ -32,17 +32,22 @@ def plan_steps(
     gradient_accumulation_steps: int,
     max_train_steps: int,
     max_train_epochs: int | None,
-    num_processes: int = 1,
 ) -> StepPlan:
-    """Reference accounting: epochs win over steps; steps/epoch = ceil(batches/procs/accum)."""
+    """Epochs win over steps; steps/epoch = ceil(global batches / accumulation).
+
+    `batches_per_epoch` counts *global* batches (batch_size x processes samples each; every
+    process takes a slice of each), so the step count does not depend on the process count
+    beyond that. (The reference deals whole per-process batches out to the processes and
+    divides the batch count by them; here one process with batch 2 and two with batch 1 make
+    the same steps.)
+    """
     if batches_per_epoch <= 0:
         raise ValueError("the dataset has no batches")
-    per_process = math.ceil(batches_per_epoch / num_processes)
-    steps_per_epoch = math.ceil(per_process / gradient_accumulation_steps)
+    steps_per_epoch = math.ceil(batches_per_epoch / gradient_accumulation_steps)
     if max_train_epochs is not None:
         epochs = max_train_epochs
         total = epochs * steps_per_epoch
     else:
         total = max_train_steps
         epochs = math.ceil(total / steps_per_epoch)
-    return StepPlan(per_process, gradient_accumulation_steps, steps_per_epoch, epochs, total)
+    return StepPlan(batches_per_epoch, gradient_accumulation_steps, steps_per_epoch, epochs, total)

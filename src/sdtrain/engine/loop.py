@@ -2,6 +2,12 @@
 
 Every random draw is derived from (seed, stream, counters) (sdtrain.seeds), and states are taken
 only at optimizer-step boundaries, so a resumed run is bit-identical to a straight one on CPU.
+
+The loop runs on accelerate's `Accelerator` (engine.distributed): one process or several. With
+several, each process trains its slice of every global batch; per-sample draws are keyed by the
+sample's position in the global batch; the non-finite guard and the Ctrl-C stop are agreed by an
+all-reduce once per micro-batch; saves happen at the same steps everywhere and only the main
+process writes files while the others wait.
 """
 
 from __future__ import annotations
@@ -99,6 +105,7 @@ class Trainer:
         resume_hint: str = "",
         no_half_vae: bool = False,
         trackers: Trackers | None = None,
+        accelerator: Any = None,
     ) -> None:
         self.method, self.bundle, self.data, self.steps = method, bundle, data, steps
         self.sections = sections
@@ -111,12 +118,14 @@ class Trainer:
         self.resume_hint = resume_hint
         self.no_half_vae = no_half_vae
         self.trackers = trackers
+        self.accelerator = accelerator
         self.outputs: list[Path] = []
 
     # ----------------------------------------------------------------- setup
     def _setup(self) -> None:
         import torch
 
+        from sdtrain.engine.distributed import Processes, device_of, make_accelerator
         from sdtrain.engine.loss import LossRecipe
         from sdtrain.engine.noise import NoiseRecipe
         from sdtrain.engine.optim import build_optimizer
@@ -125,7 +134,12 @@ class Trainer:
         from sdtrain.engine.step import StepContext
 
         training = self.sections.training
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.accelerator is None:
+            device_type = "cuda" if torch.cuda.is_available() else "cpu"
+            precision_for(training, self.no_half_vae, device_type)  # refuse fp16 on a CPU first
+            self.accelerator = make_accelerator(training.mixed_precision)
+        self.processes = Processes(self.accelerator)
+        self.device = device_of(self.accelerator)
         self.precision = precision_for(training, self.no_half_vae, self.device.type)
         torch.manual_seed(derive_seed(self.seed, "init"))
         self.groups = self.method.prepare(self.bundle)
@@ -145,26 +159,46 @@ class Trainer:
                     text_encoder.gradient_checkpointing_enable()
         self.params = [p for g in self.groups for p in g.params]
         self.built = build_optimizer(self.groups, self.sections.optimizer)
-        self.optimizer = self.built.optimizer
+        self.optimizer = self.built.optimizer  # the optimizer itself (state dicts, eval/train)
+        # the schedule runs in optimizer steps on every process: not prepared by accelerate
+        # (its prepared scheduler steps once per process)
         self.fused = None
         if self.sections.optimizer.fused_backward_pass:
             from sdtrain.engine.fused_backward import FusedBackward
 
+            if self.processes.count > 1:
+                raise TrainingError(
+                    "fused_backward_pass updates each weight during backward, before the "
+                    "processes could exchange gradients",
+                    hint="train on one process, or drop fused_backward_pass",
+                )
             self.fused = FusedBackward(self.optimizer, training.max_grad_norm)
         self.scheduler = build_lr_scheduler(
             self.optimizer, self.sections.optimizer, self.steps.total_steps
         )
-        self.scaler = (
-            torch.amp.GradScaler("cuda") if self.precision.mixed_precision == "fp16" else None
-        )
+        from sdtrain.engine.distributed import ignore_frozen
+        from sdtrain.engine.forward import TrainForward
+
+        forward = TrainForward(self.method, bundle)
+        if self.processes.count > 1:
+            ignore_frozen(forward)
+        # DDP with several processes, autocast with mixed precision, the fp16 scaler
+        self.forward, self.stepper = self.accelerator.prepare(forward, self.optimizer)
+        self.scaler = self.accelerator.scaler
         noise = NoiseRecipe(training, bundle.noise_scheduler, bundle.family.is_v)
         self.ctx = StepContext(
-            self.method, bundle, noise, LossRecipe(training, noise), self.precision, self.device
+            self.method,
+            bundle,
+            noise,
+            LossRecipe(training, noise),
+            self.precision,
+            self.device,
+            forward=self.forward,
         )
 
     def _restore(self) -> Counters:
         if self.resume is None:
-            return Counters(seed=self.seed)
+            return Counters(seed=self.seed, num_processes=self.processes.count)
         state = self.resume
         self.method.load_trainable_state(state.trainable)
         self.optimizer.load_state_dict(state.optimizer)
@@ -172,6 +206,7 @@ class Trainer:
         if self.scaler is not None and state.scaler is not None:
             self.scaler.load_state_dict(state.scaler)
         state.restore_global_rng()
+        state.counters.num_processes = self.processes.count
         logger.info(
             "resumed from %s at step %d (epoch %d, batch %d)",
             state.folder,
@@ -198,20 +233,34 @@ class Trainer:
         # epoch it ends in. (Passing the in-progress counter made epoch saves say one too many.)
         ended_mid_epoch = final and counters.position > 0
         epoch_done = counters.epoch if ended_mid_epoch else counters.epoch - 1
-        metadata = (
-            self.hooks.save_metadata(counters.global_step, epoch_done)
-            if self.hooks.save_metadata
-            else {}
-        )
-        point = SavePoint(self.output_dir, stem, epoch_done, counters.global_step, final, metadata)
-        self.saves.ensure_space(stem, self.params, self.optimizer if with_state else None)
+        # every process switches to eval weights and back (schedule-free optimizers move the
+        # parameters), so all keep identical parameters; only the main process writes
         with self._eval_mode():
-            self.outputs.extend(self.method.export(self.bundle, point))
-        if with_state:
+            if self.processes.is_main:
+                metadata = (
+                    self.hooks.save_metadata(counters.global_step, epoch_done)
+                    if self.hooks.save_metadata
+                    else {}
+                )
+                point = SavePoint(
+                    self.output_dir, stem, epoch_done, counters.global_step, final, metadata
+                )
+                self.saves.ensure_space(stem, self.params, self.optimizer if with_state else None)
+                self.outputs.extend(self.method.export(self.bundle, point))
+        if with_state and self.processes.is_main:
             folder = save_state(
                 self.output_dir / naming.state_dir_name(stem), self._state_parts(counters)
             )
             logger.info("state saved: %s", folder)
+        self.processes.wait()
+
+    def _sample(self, kind: str, epoch: int, step: int) -> None:
+        """The sampling hook on the main process; the others wait for it."""
+        if self.hooks.sample is None:
+            return
+        if self.processes.is_main:
+            self.hooks.sample(kind, epoch, step)
+        self.processes.wait()
 
     def _eval_mode(self):
         import contextlib
@@ -241,6 +290,7 @@ class Trainer:
             rotate_metrics,
             truncate_metrics,
         )
+        from sdtrain.engine.step import sample_generators
         from sdtrain.engine.stop import StopFlag
         from sdtrain.log import progress
 
@@ -256,32 +306,40 @@ class Trainer:
             self.resume.folder if self.resume is not None else None,
         )
         steps, training = self.steps, self.sections.training
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        tidy_output_dir(self.output_dir)
-        if self.resume is not None:
-            truncate_metrics(self.output_dir / METRICS_FILE, counters.global_step)
-        else:
-            rotate_metrics(self.output_dir / METRICS_FILE)
-        metrics = MetricsLog(self.output_dir, self.trackers)
-        if self.hooks.sample and counters.global_step == 0 and self.resume is None:
-            self.hooks.sample("first", 0, 0)
+        procs = self.processes
+        if procs.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            tidy_output_dir(self.output_dir)
+            if self.resume is not None:
+                truncate_metrics(self.output_dir / METRICS_FILE, counters.global_step)
+            else:
+                rotate_metrics(self.output_dir / METRICS_FILE)
+        procs.wait()
+        metrics = MetricsLog(self.output_dir, self.trackers) if procs.is_main else None
+        if counters.global_step == 0 and self.resume is None:
+            self._sample("first", 0, 0)
         last_loss: float | None = None
         bad_run: list[str] = []  # image paths of consecutive non-finite steps
         before_bad: tuple[Counters, dict] | None = None
         smoothed = None
         started = time.monotonic()
         first_step = counters.global_step
+        accumulation = steps.gradient_accumulation_steps
+        # a launcher forwards Ctrl-C to its workers, which got it from the terminal already
+        grace = 2.0 if procs.count > 1 else 0.0
         try:
-            with StopFlag() as stop, progress() as bar:
+            with StopFlag(grace) as stop, progress(disable=not procs.is_main) as bar:
                 task = bar.add_task(
                     "training", total=steps.total_steps, completed=counters.global_step, info=""
                 )
+                stop_agreed = False
                 while (
                     counters.global_step < steps.total_steps and counters.epoch <= steps.num_epochs
                 ):
                     window_losses: list[float] = []
                     window_paths: list[str] = []
                     window_bad = False
+                    window_offset = 0  # samples of the global step batch before this micro-batch
                     position = counters.position
                     for batch in self._stop_on_bad_image(
                         self.data.iterate(
@@ -289,30 +347,31 @@ class Trainer:
                         ),
                         counters,
                     ):
-                        micro = position % steps.gradient_accumulation_steps
-                        generator = torch.Generator(device="cpu").manual_seed(
-                            derive_seed(self.seed, "noise", counters.global_step, micro)
-                        )
-                        torch.manual_seed(
-                            derive_seed(self.seed, "torch", counters.global_step, micro)
-                        )
-                        info = self._step_info(counters, micro)
-                        loss = self.ctx_loss(batch, generator, info)
-                        value = float(loss.detach())
-                        window_paths.extend(batch.paths)
-                        if math.isfinite(value):
-                            self._backward(loss / steps.gradient_accumulation_steps)
-                            window_losses.append(value)
-                        else:
-                            window_bad = True
+                        ends = steps.step_ends_at(position)
+                        slots = [window_offset + slot for slot in batch.slots or range(len(batch))]
+                        window_offset += batch.global_size or len(batch)
+                        with self._sync(ends):
+                            generators = sample_generators(self.seed, counters.global_step, slots)
+                            torch.manual_seed(
+                                derive_seed(self.seed, "torch", counters.global_step, slots[0])
+                            )
+                            info = self._step_info(counters, slots[0])
+                            loss = self.ctx_loss(batch, generators, info)
+                            value, finite, stop_agreed = self._agree(loss, batch, stop)
+                            window_paths.extend(batch.paths)
+                            if finite:
+                                self._backward(loss, batch.loss_weight, accumulation)
+                                window_losses.append(value)
+                            else:
+                                window_bad = True
                         position += 1
-                        if not steps.step_ends_at(position - 1):
+                        if not ends:
                             continue
                         sched_before = self.scheduler.state_dict()
                         counters_before = Counters(
                             **{**counters.__dict__, "position": counters.position}
                         )
-                        finite = not window_bad and self._optimizer_step()
+                        outcome = "bad" if window_bad else self._optimizer_step()
                         self.optimizer.zero_grad(set_to_none=True)
                         self.scheduler.step()
                         counters.global_step += 1
@@ -321,29 +380,40 @@ class Trainer:
                             "step": counters.global_step,
                             "epoch": counters.epoch,
                         }
-                        if finite:
-                            bad_run, before_bad = [], None
+                        if outcome != "bad":
                             last_loss = sum(window_losses) / len(window_losses)
                             record["loss"] = last_loss
+                        if outcome == "ok":
+                            bad_run, before_bad = [], None
                             info = self._step_info(counters, steps.gradient_accumulation_steps)
                             record.update(self.method.after_step(self.bundle, info))
+                        elif outcome == "scaler_skip":
+                            # fp16 loss-scale warm-up: no update at this scale, not a bad step
+                            record["scaler_skip"] = True
+                            logger.info(
+                                "step %d: fp16 gradients overflowed at this loss scale; the "
+                                "scaler lowered it and skipped the update",
+                                counters.global_step,
+                            )
                         else:
                             counters.nonfinite_skipped += 1
                             if before_bad is None:
                                 before_bad = (counters_before, sched_before)
-                            bad_run.append(", ".join(window_paths))
+                            paths = self._all_paths(window_paths)
+                            bad_run.append(", ".join(paths))
                             record["nonfinite"] = True
-                            record["images"] = window_paths
+                            record["images"] = paths
                             logger.warning(
                                 "step %d: non-finite loss or gradient, update skipped (images: %s)",
                                 counters.global_step,
-                                ", ".join(window_paths),
+                                ", ".join(paths),
                             )
                         for group, lr in zip(
                             self.groups, self.scheduler.get_last_lr(), strict=False
                         ):
                             record[f"lr/{group.name}"] = lr
-                        metrics.write(record)
+                        if metrics is not None:
+                            metrics.write(record)
                         if len(bad_run) >= training.max_nonfinite_steps:
                             # after the record: the step that ends the run is reported too
                             self._stop_nonfinite(before_bad, bad_run)
@@ -364,10 +434,11 @@ class Trainer:
                             ),
                         )
                         window_losses, window_paths, window_bad = [], [], False
+                        window_offset = 0
                         before = set(self.outputs)
                         self._after_step_events(counters)
                         self._validate(metrics, "step", counters, before)
-                        if stop.requested:
+                        if self._stopping(stop, stop_agreed):
                             self._interrupt(counters, stop.requested)
                         if counters.global_step >= steps.total_steps:
                             break
@@ -379,30 +450,34 @@ class Trainer:
                     before = set(self.outputs)
                     self._end_epoch(counters)
                     self._validate(metrics, "epoch", counters, before)
-                    if stop.requested:
+                    if self._stopping(stop, stop_agreed):
                         self._interrupt(counters, stop.requested)
                 final = naming.final_stem(self.output_name)
                 before = set(self.outputs)
                 self._save(final, counters, with_state=self.saves.final_state, final=True)
                 self._validate(metrics, "final", counters, before)
-                if self.hooks.sample:
-                    self.hooks.sample("final", counters.epoch, counters.global_step)
+                self._sample("final", counters.epoch, counters.global_step)
         finally:
-            metrics.close()
+            if metrics is not None:
+                metrics.close()
         return TrainResult(counters.global_step, counters.epoch, list(self.outputs), last_loss)
 
     def _validate(self, metrics: Any, kind: str, counters: Counters, before: set[Path]) -> None:
         """The validation hook after a step / epoch event (after its saves, so it can point
-        at the files of the same weights)."""
+        at the files of the same weights). Run by the main process; the others wait."""
         if self.hooks.validate is None:
             return
-        epoch = counters.epoch - 1 if kind == "epoch" else counters.epoch
-        saved = [p for p in self.outputs if p not in before]
-        record = self.hooks.validate(self.ctx, kind, epoch, counters.global_step, saved)
-        if record is not None:
-            metrics.write(record)
+        if self.processes.is_main:  # evaluates the whole held-out split; the others wait
+            epoch = counters.epoch - 1 if kind == "epoch" else counters.epoch
+            saved = [p for p in self.outputs if p not in before]
+            record = self.hooks.validate(self.ctx, kind, epoch, counters.global_step, saved)
+            if record is not None:
+                metrics.write(record)
+        self.processes.wait()
 
     def _retire(self, kind: str, value: int) -> None:
+        if not self.processes.is_main:
+            return
         for path in self.saves.retire(kind, value):
             if path in self.outputs:
                 self.outputs.remove(path)
@@ -413,52 +488,107 @@ class Trainer:
 
     def _step_info(self, counters: Counters, position: int) -> StepInfo:
         """Method hook context: its generator is seeded from (seed, "method", step, position);
-        `position` is the micro-step (after_step uses the accumulation count)."""
+        `position` is the global-batch position of this process's first sample of the
+        micro-batch (the micro-step with batch 1 on one process; never the rank); after_step
+        uses the accumulation count."""
         import torch
 
         seed = derive_seed(self.seed, "method", counters.global_step, position)
         generator = torch.Generator(device="cpu").manual_seed(seed)
         return StepInfo(counters.global_step, counters.epoch, generator)
 
-    def ctx_loss(self, batch: Batch, generator: Any, step: StepInfo) -> Any:
+    def ctx_loss(self, batch: Batch, generators: Any, step: StepInfo) -> Any:
         from sdtrain.engine.step import micro_step_loss
 
-        return micro_step_loss(self.ctx, batch, generator, step)
+        return micro_step_loss(self.ctx, batch, generators, step)
 
-    def _backward(self, loss: Any) -> None:
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
+    def _sync(self, ends_window: bool) -> Any:
+        """DDP's no_sync inside an accumulation window: gradients are exchanged once, with the
+        window's last backward (nothing to do on one process)."""
+        import contextlib
+
+        if ends_window or self.processes.count == 1:
+            return contextlib.nullcontext()
+        return self.accelerator.no_sync(self.forward)
+
+    def _agree(self, loss: Any, batch: Batch, stop: Any) -> tuple[float, bool, bool]:
+        """(mean loss of the global micro-batch, finite everywhere, stop requested anywhere).
+
+        One host read per micro-batch, as on one process; with several processes that read is
+        of one all-reduced (loss share, non-finite flag, stop flag) vector. A padding share
+        (weight 0) counts neither its loss nor its finiteness."""
+        import torch
+
+        count = self.processes.count
+        if count == 1:
+            value = float(loss.detach())
+            return value, math.isfinite(value), stop.requested is not None
+        mine = loss.detach().double().reshape(())
+        ok = torch.isfinite(mine)
+        zero = torch.zeros((), dtype=torch.float64, device=mine.device)
+        if batch.loss_weight == 0.0:
+            share, bad = zero, zero
         else:
-            loss.backward()
+            share = torch.where(ok, mine * (batch.loss_weight / count), zero)
+            bad = (~ok).double()
+        stopping = torch.full((), float(stop.requested is not None), device=mine.device)
+        total, bad_count, stops = self.processes.agree(torch.stack([share, bad, stopping.double()]))
+        return total, bad_count == 0, stops > 0
 
-    def _optimizer_step(self) -> bool:
-        """Clip, check gradients, step. False (and no update) when gradients are not finite."""
+    def _stopping(self, stop: Any, agreed: bool) -> bool:
+        """Stop now? On one process: a signal arrived. With several: one arrived on some process
+        by the last agreement (so every process stops at the same step)."""
+        if self.processes.count == 1:
+            return stop.requested is not None
+        if agreed and stop.requested is None:
+            stop.requested = "SIGINT (on another process)"
+        return agreed
+
+    def _all_paths(self, paths: list[str]) -> list[str]:
+        """The image paths of a step over all processes (only asked for on bad steps)."""
+        if self.processes.count == 1:
+            return paths
+        from accelerate.utils import gather_object
+
+        return [p for part in gather_object([paths]) for p in part]
+
+    def _backward(self, loss: Any, weight: float, accumulation: int) -> None:
+        """Backward of this process's share: loss x weight / accumulation (the fp16 scaler and
+        DeepSpeed-free distribution through accelerate)."""
+        if weight != 1.0:
+            loss = loss * weight
+        self.accelerator.backward(loss / accumulation)
+
+    def _optimizer_step(self) -> str:
+        """Clip, check gradients, step: "ok"; "scaler_skip" when fp16 gradients overflowed at
+        the current loss scale (the scaler lowers it, no update: normal warm-up); "bad" (no
+        update) when gradients are not finite otherwise."""
         import torch
 
         if self.fused is not None:  # every weight was updated during backward
-            return self.fused.take_finite()
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
+            return "ok" if self.fused.take_finite() else "bad"
         max_norm = self.sections.training.max_grad_norm
         params = [p for p in self.params if p.grad is not None]
         if not params:
-            return True
+            return "ok"
         if max_norm > 0:
-            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            norm = self.accelerator.clip_grad_norm_(params, max_norm)
         else:
+            self.accelerator.unscale_gradients()
             norm = torch.linalg.vector_norm(
                 torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params])
             )
-        if not torch.isfinite(norm):
-            if self.scaler is not None:
-                self.scaler.update()
-            return False
+        finite = bool(torch.isfinite(norm))
         if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        return True
+            self.stepper.step()  # the scaler skips the update on overflow and lowers the scale
+            if finite:
+                return "ok"
+            # at a scale below 1 the gradients overflow unscaled: really non-finite
+            return "scaler_skip" if self.scaler.get_scale() >= 1.0 else "bad"
+        if not finite:
+            return "bad"
+        self.stepper.step()
+        return "ok"
 
     def _after_step_events(self, counters: Counters) -> None:
         step = counters.global_step
@@ -470,8 +600,7 @@ class Trainer:
                 final=False,
             )
             self._retire("step", step)
-        if self.hooks.sample:
-            self.hooks.sample("step", counters.epoch, step)
+        self._sample("step", counters.epoch, step)
 
     def _end_epoch(self, counters: Counters) -> None:
         epoch = counters.epoch
@@ -485,8 +614,7 @@ class Trainer:
                 final=False,
             )
             self._retire("epoch", epoch)
-        if self.hooks.sample:
-            self.hooks.sample("epoch", epoch, counters.global_step)
+        self._sample("epoch", epoch, counters.global_step)
 
     def _stop_on_bad_image(self, batches: Iterator[Batch], counters: Counters) -> Iterator[Batch]:
         """Pass batches through; an image that fails to load mid-run (changed on disk after the
@@ -502,9 +630,7 @@ class Trainer:
                 return
             except DataError as error:
                 stem = naming.step_stem(self.output_name, counters.global_step)
-                folder = save_state(
-                    self.output_dir / naming.state_dir_name(stem), self._state_parts(counters)
-                )
+                folder = self._write_state(stem, lambda: self._state_parts(counters))
                 lines = [line for line in error.message.splitlines() if line.strip()]
                 reason = lines[-1] if "Traceback" in error.message else error.message
                 raise DataError(
@@ -515,11 +641,17 @@ class Trainer:
                 ) from None
             yield batch
 
-    def _interrupt(self, counters: Counters, signal_name: str) -> None:
+    def _write_state(self, stem: str, parts: Callable[[], StateParts]) -> Path:
+        """A state written by the main process (the others wait); its folder."""
+        folder = self.output_dir / naming.state_dir_name(stem)
+        if self.processes.is_main:
+            save_state(folder, parts())
+        self.processes.wait()
+        return folder
+
+    def _interrupt(self, counters: Counters, signal_name: str | None) -> None:
         stem = naming.step_stem(self.output_name, counters.global_step)
-        folder = save_state(
-            self.output_dir / naming.state_dir_name(stem), self._state_parts(counters)
-        )
+        folder = self._write_state(stem, lambda: self._state_parts(counters))
         raise Interrupted(
             f"{signal_name}: stopped after step {counters.global_step}; state written to {folder}",
             hint=f"resume with: {self.resume_hint} --resume {folder}".strip(),
@@ -529,10 +661,7 @@ class Trainer:
         assert before is not None
         counters, scheduler_state = before
         stem = naming.step_stem(self.output_name, counters.global_step)
-        folder = save_state(
-            self.output_dir / naming.state_dir_name(stem),
-            self._state_parts(counters, scheduler_state),
-        )
+        folder = self._write_state(stem, lambda: self._state_parts(counters, scheduler_state))
         growth = self._weight_norm() / max(self._start_norm, 1e-12)
         kind, cause = nonfinite_cause(paths, self.precision.mixed_precision, growth)
         raise TrainingError(

@@ -57,6 +57,9 @@ class Counters:
     position: int = 0  # next batch position inside the epoch's batch order
     seed: int = 0
     nonfinite_skipped: int = 0  # total skipped steps so far (reported in metrics)
+    # processes the run trained on (each takes a slice of every global batch); states from
+    # before this field was recorded were all written by one process
+    num_processes: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
 
 

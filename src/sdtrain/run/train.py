@@ -70,15 +70,18 @@ def prepare(loaded: LoadedConfig, command: str, write_caches: bool = False) -> P
     from sdtrain.data.plan import plan_for_run
     from sdtrain.engine.fused_backward import check_fused_backward
     from sdtrain.engine.resume import check_resume_config, data_fingerprint, resolve_resume
+    from sdtrain.launch import is_main_process
     from sdtrain.run.full_checks import check_full_model_run
     from sdtrain.run.lock import check_run_folder_free
 
     _require(loaded)
     cfg = loaded.config
-    check_run_folder_free(Path(str(cfg.training.output_dir)))  # before reading its states
+    main = is_main_process()
+    if main:  # the main process takes the lock; a worker checking would find its own run
+        check_run_folder_free(Path(str(cfg.training.output_dir)))  # before reading its states
     check_fused_backward(cfg.optimizer, cfg.training)
     with verifying_pixels():  # decode every image once: broken pixel data is found here
-        plan = plan_for_run(loaded, write_caches=write_caches)  # cache_info size caches
+        plan = plan_for_run(loaded, write_caches=write_caches and main)  # cache_info size caches
     from sdtrain.run.checks import check_before_load
 
     check_before_load(loaded, plan)
@@ -113,6 +116,7 @@ def prepare(loaded: LoadedConfig, command: str, write_caches: bool = False) -> P
                 f"cannot resume from {resume_folder}: {problem}",
                 hint='check the path, or use resume = "auto" to pick the newest complete state',
             )
+        _check_process_count(resume_folder, plan.facts.num_processes)
         check_resume_config(
             load_state_config(resume_folder), state_config, cfg.saving.resume_allow_changes
         )
@@ -149,7 +153,22 @@ def _fill_class_images(prepared: Prepared, bundle: ModelBundle) -> None:
         )
 
 
-def _data(prepared: Prepared, bundle: ModelBundle, precision_vae: Any) -> Any:
+def _check_process_count(folder: Path, processes: int) -> None:
+    """Refuse to resume a state on another process count: the global batch (train_batch_size
+    x processes) and with it every epoch's batches and step count would change."""
+    from sdtrain.engine.state import load_counters
+
+    saved = load_counters(folder).num_processes
+    if saved != processes:
+        raise TrainingError(
+            f"the state {folder} was written by a run on {saved} process(es); this run has "
+            f"{processes}",
+            hint=f"resume it with {saved} process(es) (the global batch is train_batch_size x "
+            "processes, so another count trains on other batches), or start a new run",
+        )
+
+
+def _data(prepared: Prepared, bundle: ModelBundle, precision_vae: Any, processes: Any) -> Any:
     """TrainDataset over the plan, with latents cached (memory/disk) when asked."""
     from sdtrain.data.dataset import TrainDataset
 
@@ -159,6 +178,8 @@ def _data(prepared: Prepared, bundle: ModelBundle, precision_vae: Any) -> Any:
     assert steps is not None
     store = index = None
     if t.cache_latents:
+        import contextlib
+
         from sdtrain.data.latent_store import LatentStore, default_cache_dir
         from sdtrain.engine.latents import fill_store
 
@@ -168,9 +189,16 @@ def _data(prepared: Prepared, bundle: ModelBundle, precision_vae: Any) -> Any:
             else None
         )
         store = LatentStore(folder)
-        report = fill_store(
-            prepared.plan.datasets, bundle.vae, store, precision_vae, batch_size=t.vae_batch_size
-        )
+        # a disk cache is written by the main process; the others then read it back
+        order = processes.main_first() if folder is not None else contextlib.nullcontext()
+        with order:
+            report = fill_store(
+                prepared.plan.datasets,
+                bundle.vae,
+                store,
+                precision_vae,
+                batch_size=t.vae_batch_size,
+            )
         logger.info("latents: %d encoded, %d reused from the cache", report.encoded, report.reused)
         index = report.index
     workers = 0 if t.cache_latents else min(t.max_data_loader_n_workers, os.cpu_count() or 1)
@@ -196,6 +224,8 @@ def _data(prepared: Prepared, bundle: ModelBundle, precision_vae: Any) -> Any:
         index,
         workers=workers,
         persistent_workers=t.persistent_data_loader_workers,
+        num_processes=processes.count,
+        process_index=processes.index,
     )
     data.steps = steps
     return data
@@ -255,6 +285,7 @@ def _execute(prepared: Prepared, resume_hint: str) -> TrainResult:
 
     from sdtrain.atomic import write_text
     from sdtrain.config.resolved import resolved_dict, resolved_toml, shareable_toml
+    from sdtrain.engine.distributed import Processes, device_of, make_accelerator
     from sdtrain.engine.loop import EngineSections, Hooks, Trainer
     from sdtrain.engine.metrics import Trackers
     from sdtrain.engine.precision import precision_for
@@ -275,23 +306,34 @@ def _execute(prepared: Prepared, resume_hint: str) -> TrainResult:
     from sdtrain.methods.registry import METHODS
 
     method = METHODS[prepared.command].build(cfg, prepared.plan)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    precision = precision_for(cfg.training, cfg.model.no_half_vae, device.type)
-    if precision.mixed_precision == "bf16" and device.type == "cpu":
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    precision = precision_for(cfg.training, cfg.model.no_half_vae, device_type)
+    accelerator = make_accelerator(cfg.training.mixed_precision)
+    processes = Processes(accelerator)
+    if processes.count != prepared.plan.facts.num_processes:
+        raise TrainingError(
+            f"accelerate started {processes.count} processes but the environment says "
+            f"WORLD_SIZE={prepared.plan.facts.num_processes}",
+            hint="start sdtrain through torchrun or accelerate launch only",
+        )
+    if precision.mixed_precision == "bf16" and device_type == "cpu":
         from sdtrain.engine.cpu_bf16 import warn_if_emulated
 
         warn_if_emulated()
-    bundle = load_bundle(cfg.model, device=device, keep_half=_keep_half(cfg, method, precision))
+    bundle = load_bundle(
+        cfg.model, device=device_of(accelerator), keep_half=_keep_half(cfg, method, precision)
+    )
     _fill_class_images(prepared, bundle)
     steps = prepared.plan.steps
     assert steps is not None
     text = resolved_toml(cfg)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    write_text(output_dir / "config.toml", text)
-    data = _data(prepared, bundle, precision.vae)
+    if processes.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_text(output_dir / "config.toml", text)
+    data = _data(prepared, bundle, precision.vae, processes)
     trackers = (
         Trackers(cfg.logging, f"sdtrain-{prepared.command}", current)
-        if cfg.logging.log_with or cfg.logging.logging_dir
+        if (cfg.logging.log_with or cfg.logging.logging_dir) and processes.is_main
         else None
     )
     prompts = load_prompts(cfg.sample, bundle.family.resolution)
@@ -344,6 +386,7 @@ def _execute(prepared: Prepared, resume_hint: str) -> TrainResult:
         resume_hint=resume_hint,
         no_half_vae=cfg.model.no_half_vae,
         trackers=trackers,
+        accelerator=accelerator,
     )
     return trainer.run()
 

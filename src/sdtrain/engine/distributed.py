@@ -1,0 +1,149 @@
+"""The processes a run trains on, through accelerate's `Accelerator` (one or many, GPU or CPU).
+
+accelerate supplies the process group (torchrun / `accelerate launch` / a plain start), device
+placement, DDP wrapping, autocast and the fp16 loss scaler. The engine keeps what accelerate
+cannot know: the deterministic global-batch sharding (data.batches.process_share), per-sample
+seeds, and the rule that decisions (non-finite guard, Ctrl-C stop, saves) are agreed across
+processes and that only the main process writes files.
+
+Supported: one process, several GPUs (DDP, one machine or several, from accelerate's config),
+several CPU processes (gloo). Refused by name: DeepSpeed, FSDP, Megatron-LM, XLA/TPU, torch
+dynamo compilation and accelerate-level gradient accumulation (sdtrain accumulates itself).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from sdtrain.errors import TrainingError
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+_SUPPORTED = ("NO", "MULTI_GPU", "MULTI_CPU")
+_WHY = {
+    "DEEPSPEED": "DeepSpeed (ZeRO) shards the optimizer and owns backward, clipping and the "
+    "loss scaler; sdtrain's exact resume and state format do not cover it yet",
+    "FSDP": "FSDP shards parameters; sdtrain's exports and states read whole parameters",
+    "MEGATRON_LM": "Megatron-LM needs model-parallel model code",
+    "XLA": "TPU/XLA is not supported",
+}
+
+
+def make_accelerator(mixed_precision: str) -> Any:
+    """An `Accelerator` for this process, from the launcher's environment and accelerate's
+    config; `mixed_precision` comes from [training] (it wins over the launcher's flag).
+
+    Raises TrainingError for distributed modes sdtrain does not support, naming the mode.
+    """
+    import torch
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if launcher and launcher != mixed_precision:
+        logger.warning(
+            "the launcher asked for mixed precision %s; [training] mixed_precision = %s wins",
+            launcher,
+            mixed_precision,
+        )
+    # several runs in one Python process (tests, notebooks) may differ in mixed precision;
+    # the process group (PartialState) is kept
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    accelerator = Accelerator(
+        mixed_precision=mixed_precision,
+        cpu=not torch.cuda.is_available(),
+        gradient_accumulation_steps=1,
+        # frozen buffers are identical everywhere: no broadcast before every forward
+        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+    )
+    kind = accelerator.distributed_type.name
+    if kind not in _SUPPORTED:
+        raise TrainingError(
+            f"accelerate distributed_type {kind} is not supported: {_WHY.get(kind, kind)}",
+            hint="use data-parallel training (MULTI_GPU, `accelerate config` without DeepSpeed/"
+            "FSDP, or torchrun); LoRA and other adapters fit one GPU each",
+        )
+    if accelerator.gradient_accumulation_steps != 1:
+        raise TrainingError(
+            "accelerate's gradient_accumulation_steps "
+            f"({accelerator.gradient_accumulation_steps}) is not used by sdtrain",
+            hint="set [training] gradient_accumulation_steps instead and leave accelerate's at 1",
+        )
+    dynamo = getattr(getattr(accelerator.state, "dynamo_plugin", None), "backend", None)
+    if dynamo is not None and str(getattr(dynamo, "name", dynamo)).upper() not in ("NO", "NONE"):
+        raise TrainingError(
+            f"accelerate dynamo_backend {dynamo} is not supported",
+            hint="set dynamo_backend to NO in the accelerate config",
+        )
+    return accelerator
+
+
+def device_of(accelerator: Any) -> torch.device:
+    """The accelerator's device, with the CPU spelled plainly ("cpu", not "cpu:0")."""
+    import torch
+
+    device = torch.device(accelerator.device)
+    return torch.device("cpu") if device.type == "cpu" else device
+
+
+@dataclass
+class Processes:
+    """This process's place among the run's processes, and the few collectives the loop uses."""
+
+    accelerator: Any
+
+    @property
+    def count(self) -> int:
+        return int(self.accelerator.num_processes)
+
+    @property
+    def index(self) -> int:
+        return int(self.accelerator.process_index)
+
+    @property
+    def is_main(self) -> bool:
+        return bool(self.accelerator.is_main_process)
+
+    def agree(self, values: torch.Tensor) -> list[float]:
+        """Sums of `values` (a 1-d float64 tensor) over all processes, on the host (one host
+        sync; no collective on one process)."""
+        if self.count > 1:
+            values = self.accelerator.reduce(values, reduction="sum")
+        return [float(v) for v in values.tolist()]
+
+    def wait(self) -> None:
+        """Barrier: every process reaches this point before any goes on (no-op on one)."""
+        if self.count > 1:
+            self.accelerator.wait_for_everyone()
+
+    @contextlib.contextmanager
+    def main_first(self) -> Iterator[bool]:
+        """The main process runs the block first (writing files); the others run it after, to
+        read what it wrote. Yields whether this process is the main one."""
+        if not self.is_main:
+            self.wait()
+        try:
+            yield self.is_main
+        finally:
+            if self.is_main:
+                self.wait()
+
+
+def ignore_frozen(module: torch.nn.Module) -> None:
+    """Tell DDP to leave frozen parameters and all buffers alone (they are loaded identically
+    by every process): no broadcast of the whole base model when the wrapper is built."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    names = [name for name, p in module.named_parameters() if not p.requires_grad]
+    names += [name for name, _ in module.named_buffers()]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, names)
