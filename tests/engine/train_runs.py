@@ -54,6 +54,7 @@ def write_config(
     training: dict[str, Any] | None = None,
     saving: dict[str, Any] | None = None,
     dataset: dict[str, Any] | None = None,
+    network: dict[str, Any] | None = None,
 ) -> Path:
     """A run config: caption shuffling, caption dropout and flip_aug on, batch 1, accumulation 2,
     7 steps, saves + states every 2 steps and at the end. Tables are updated by the arguments."""
@@ -77,7 +78,7 @@ def write_config(
             "seed": 7,
             **(training or {}),
         },
-        "network": {"network_dim": 4, "network_dropout": 0.1},
+        "network": {"network_dim": 4, "network_dropout": 0.1, **(network or {})},
         "optimizer": {"learning_rate": 1e-3},
         "saving": {
             "save_every_n_steps": 2,
