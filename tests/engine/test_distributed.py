@@ -16,8 +16,6 @@ import os
 import signal
 
 import pytest
-import torch
-from launched import run, start
 from train_runs import (
     STEPS,
     assert_same_training,
@@ -29,6 +27,7 @@ from train_runs import (
     write_config,
 )
 
+from launched import run, start
 from sdtrain.data.batches import process_share
 from sdtrain.engine.state import find_latest_state, load_counters
 from sdtrain.errors import TrainingError
@@ -83,9 +82,10 @@ def test_two_processes_train_what_one_process_does_with_the_global_batch(
     assert worst < TOLERANCE
     # only the main process wrote: one metrics line per step, one of each file
     assert len(b) == STEPS
-    assert json.loads((two_straight / "t-state" / "train_state.json").read_text())[
-        "num_processes"
-    ] == 2
+    assert (
+        json.loads((two_straight / "t-state" / "train_state.json").read_text())["num_processes"]
+        == 2
+    )
     assert load_counters(two_straight / "t-state").num_processes == 2
     assert load_counters(one / "t-state").num_processes == 1
 
@@ -140,7 +140,3 @@ def test_the_plan_counts_global_batches(cli, tmp_path, run_data, monkeypatch):
     assert "global batches per epoch: 3" in text
     assert "4 samples per optimizer step (train_batch_size 1 x 2 processes x " in text
     assert "optimizer steps per epoch: 2" in text
-
-
-def test_no_gpu_needed():
-    assert torch.distributed.is_gloo_available()

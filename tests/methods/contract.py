@@ -26,8 +26,8 @@ The checks (run on builtin:tiny-sd1, CPU, fp32, 4 steps, batch 1, accumulation 2
     bundle's (inside `method.sampling`), within `atol`;
   - resume is exact: 4 steps straight == 2 steps + state + resume for 2 (trainable state,
     optimizer, scheduler, counters, final export: bit-identical);
-  - the 2-process run: `two_process_run` below is the hook the distribution work (branch
-    `accel`) fills with its torchrun/gloo runner; until then that check is skipped by name.
+  - the 2-process run: `two_process_run` trains the case under torchrun with 2 gloo processes
+    (tests/launched.py); every logged loss must be finite.
 """
 
 from __future__ import annotations
@@ -63,10 +63,16 @@ class MethodCase:
     config: Callable[[dict[str, dict[str, Any]]], dict[str, dict[str, Any]]] = lambda t: t
 
 
-# The 2-process check: the `accel` branch sets this to a runner
-# `(case, config_path, output_dir) -> None` that trains `case` under `torchrun --nproc_per_node 2`
-# (gloo, CPU) and returns when the output folder is complete.
-two_process_run: Callable[[MethodCase, Path, Path], None] | None = None
+def _torchrun(case: MethodCase, config: Path, out: Path) -> None:
+    """Train `case` under `torchrun --nproc_per_node 2` (gloo, CPU) to the end."""
+    from launched import run
+
+    run(["train", case.name, str(config)], out.parent / f"torchrun-{case.name}.log")
+
+
+# The 2-process check: a runner `(case, config_path, output_dir) -> None` that trains `case`
+# under `torchrun --nproc_per_node 2` (gloo, CPU) and returns when the output folder is complete.
+two_process_run: Callable[[MethodCase, Path, Path], None] | None = _torchrun
 
 
 def make_dataset(root: Path, case: MethodCase) -> Path:

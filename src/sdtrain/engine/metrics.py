@@ -1,4 +1,8 @@
-"""Metrics sinks: a JSON-lines file in the run folder (always) plus TensorBoard / wandb trackers."""
+"""Metrics sinks: a JSON-lines file in the run folder (always) plus TensorBoard / wandb trackers.
+
+Only the main process of a multi-process run creates them (run/train.py); `log_tracker_name`
+names the run for every tracker: the wandb project, and the TensorBoard run folder.
+"""
 
 from __future__ import annotations
 
@@ -47,6 +51,13 @@ def rotate_metrics(path: Path) -> Path | None:
     return rotated
 
 
+def tensorboard_dir(section: LoggingSection, stamp: str) -> Path:
+    """`<logging_dir>/<log_prefix><stamp>`, plus `/<log_tracker_name>` when that names the run
+    (the reference's layout: accelerate's TensorBoard tracker writes under the project name)."""
+    folder = Path(str(section.logging_dir)) / f"{section.log_prefix or ''}{stamp}"
+    return folder / section.log_tracker_name if section.log_tracker_name else folder
+
+
 class Trackers:
     """TensorBoard / wandb writers chosen by [logging]; absent libraries name their extra."""
 
@@ -73,8 +84,7 @@ class Trackers:
                 raise MissingExtraError(
                     "TensorBoard logging", "tensorboard", "tensorboard"
                 ) from exc
-            log_dir = Path(section.logging_dir) / f"{section.log_prefix or ''}{stamp}"
-            self._tb = SummaryWriter(log_dir=str(log_dir))
+            self._tb = SummaryWriter(log_dir=str(tensorboard_dir(section, stamp)))
         if "wandb" in kinds:
             try:
                 import wandb
