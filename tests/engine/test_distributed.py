@@ -140,3 +140,17 @@ def test_the_plan_counts_global_batches(cli, tmp_path, run_data, monkeypatch):
     assert "global batches per epoch: 3" in text
     assert "4 samples per optimizer step (train_batch_size 1 x 2 processes x " in text
     assert "optimizer steps per epoch: 2" in text
+
+
+def test_the_run_summary_states_the_global_batch(tmp_path, run_data, monkeypatch):
+    from sdtrain.cli.summary import summary_lines
+    from sdtrain.config.loader import load_run_config
+    from sdtrain.data.plan import plan_for_run
+    from sdtrain.methods.registry import command_schema
+
+    config = write_config(tmp_path / "run.toml", run_data, tmp_path / "out")
+    loaded = load_run_config([str(config)], command_schema("lora"), require_file=True)
+    assert not any("global batch" in line for line in summary_lines(plan_for_run(loaded), "o"))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    lines = summary_lines(plan_for_run(loaded), "o")
+    assert "global batch: 1 x 2 processes x 2 accumulation = 4 samples/step" in lines

@@ -18,7 +18,8 @@ _BUCKETS_SHOWN = 4
 
 
 def summary_lines(plan: Plan, output: str) -> list[str]:
-    """Counts, buckets and steps of `plan` in at most five short lines."""
+    """Counts, buckets, steps (and the global batch of a multi-process run) of `plan` in at
+    most five short lines."""
     datasets = plan.datasets
     images = sum(len(s.images) for d in datasets for s in d.subsets if not s.is_reg)
     reg = sum(len(s.images) for d in datasets for s in d.subsets if s.is_reg)
@@ -42,6 +43,16 @@ def summary_lines(plan: Plan, output: str) -> list[str]:
         lines.append(
             f"steps: {steps.batches_per_epoch} batches/epoch, {steps.steps_per_epoch} steps/epoch"
             f" x {steps.num_epochs} epochs = {steps.total_steps} optimizer steps"
+        )
+    processes = plan.facts.num_processes
+    if processes > 1:  # several processes: each trains a slice of every global batch
+        accumulation = plan.facts.gradient_accumulation_steps
+        sizes = sorted({d.batch_size for d in datasets}) or [1]
+        per = "/".join(str(b) for b in sizes)
+        total = "/".join(str(b * processes * accumulation) for b in sizes)
+        lines.append(
+            f"global batch: {per} x {processes} processes x {accumulation} accumulation"
+            f" = {total} samples/step"
         )
     lines.append(f"output: {output}  (full plan: sdtrain dataset plan, or --dry-run)")
     return lines

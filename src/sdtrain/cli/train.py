@@ -24,14 +24,20 @@ def _run(ctx: typer.Context, command: str, dry_run: bool, help_config: bool) -> 
         raise typer.Exit()
     from sdtrain.cli.plan_view import render_plan
     from sdtrain.config.loader import load_run_config
+    from sdtrain.launch import is_main_process
     from sdtrain.log import console, out
     from sdtrain.run.train import execute, prepare
 
+    main = is_main_process()
+    if not main:  # the other processes of a launched run: warnings and errors only
+        import logging
+
+        logging.getLogger("sdtrain").setLevel(logging.WARNING)
     loaded = load_run_config(list(ctx.args), METHODS[command].command, require_file=True)
     prepared = prepare(loaded, command, write_caches=not dry_run)
     if dry_run:
         render_plan(console, prepared.plan)
-    else:
+    elif main:
         from sdtrain.cli.summary import print_summary
 
         print_summary(console, prepared.plan, str(loaded.config.training.output_dir))
@@ -46,6 +52,8 @@ def _run(ctx: typer.Context, command: str, dry_run: bool, help_config: bool) -> 
     # from the parsed command, not sys.argv (which is the host's when invoked in-process)
     hint = " ".join(shlex.quote(a) for a in ["sdtrain", "train", command, *ctx.args])
     result = execute(prepared, resume_hint=_without_resume(hint))
+    if not main:
+        return
     console.print(f"[green]done:[/green] {result.global_step} optimizer steps")
     for path in result.outputs:
         console.print(f"  wrote {path}", markup=False, highlight=False, soft_wrap=True)
