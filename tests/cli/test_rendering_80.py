@@ -76,13 +76,31 @@ def test_help_config_keeps_every_key_and_table_whole_at_80_columns(method):
 )
 def test_help_is_whole_plain_and_has_no_bool_metavar(args, whole):
     text = sdtrain(*args)
-    if args[0] in ("train", "dataset", "--help"):
-        # (caption/model list every alias spelling of an option on one line: whole, not cut)
-        assert all(len(line) <= 80 for line in text.splitlines())
+    assert all(len(line) <= 80 for line in text.splitlines())
     assert "…" not in text
     assert "<bool>" not in text
     for piece in whole:
         assert piece in text, piece
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("caption", "blip"),
+        ("caption", "wd14"),
+        ("model", "convert"),
+        ("model", "info"),
+        ("metadata", "merge"),
+        ("metadata", "clean"),
+        ("latents", "cache"),
+        ("generate",),
+        ("config", "import"),
+    ],
+)
+def test_every_tool_help_fits_80_columns(command):
+    text = sdtrain(*command, "--help")
+    too_long = [line for line in text.splitlines() if len(line) > 80]
+    assert not too_long, too_long
 
 
 def test_plan_at_80_columns_keeps_key_names_and_table_names():

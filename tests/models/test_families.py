@@ -38,6 +38,9 @@ class TinySDXLFamily:
     def text_encoders(self, bundle: Any) -> list[torch.nn.Module]:
         return [getattr(bundle, name) for name in self.text_encoder_names]
 
+    def tokenizers(self, bundle: Any) -> list[Any]:
+        return [getattr(bundle, name) for name in self.tokenizer_names]
+
     def encode_text(self, bundle: Any, captions: Sequence[str], **_: Any) -> Conditioning:
         from sdtrain.models.text import tokenize
 
@@ -167,6 +170,7 @@ def test_sd_family_names_its_parts_and_encodes(tiny_sd1):
     family = tiny_sd1.family
     assert isinstance(family, SDFamily)
     assert family.text_encoders(tiny_sd1) == [tiny_sd1.text_encoder]
+    assert family.tokenizers(tiny_sd1) == [tiny_sd1.tokenizer]
     assert family.adapter_roots(tiny_sd1) == {
         "unet": tiny_sd1.unet,
         "text_encoder": tiny_sd1.text_encoder,
@@ -181,3 +185,28 @@ def test_sd_family_names_its_parts_and_encodes(tiny_sd1):
     kwargs = family.pipeline_kwargs(pair, 3)
     assert kwargs["prompt_embeds"].shape[0] == 3
     assert torch.equal(kwargs["prompt_embeds"][0], want[0])
+
+
+def test_methods_and_the_trained_forward_reach_text_encoders_through_the_family(tiny_sd1):
+    """Full-model training unfreezes every text encoder the family names; the forward module
+    accelerate wraps holds all of them (DDP syncs both); TI refuses two encoders by name."""
+    import pytest
+
+    from sdtrain.engine.forward import TrainForward
+    from sdtrain.errors import ConfigError
+    from sdtrain.methods.full_model import _text_encoders
+    from sdtrain.methods.ti import _text_pair
+
+    bundle = sdxl_bundle(tiny_sd1.tokenizer)
+    encoders = _text_encoders(bundle)  # type: ignore[arg-type]
+    assert list(encoders) == ["text_encoder", "text_encoder_2"]
+    assert encoders["text_encoder_2"] is bundle.text_encoder_2
+    forward = TrainForward(None, bundle)  # type: ignore[arg-type]
+    held = {id(p) for p in forward.parameters()}
+    assert {id(p) for p in bundle.text_encoder_2.parameters()} <= held
+    with pytest.raises(ConfigError) as caught:
+        _text_pair(bundle)  # type: ignore[arg-type]
+    problem = caught.value.problems[0]
+    assert problem.key == "model.pretrained_model_name_or_path"
+    assert "text_encoder, text_encoder_2" in problem.message
+    assert _text_pair(tiny_sd1) == (tiny_sd1.tokenizer, tiny_sd1.text_encoder)

@@ -22,6 +22,7 @@ WORKERS = typer.Option(
     "--max-data-loader-n-workers",
     "--workers",
     min=0,
+    metavar="<int>",
     help="Background image-decoding threads (0: decode in the main thread). Default: up to 4.",
 )
 

@@ -93,7 +93,7 @@ def convert(
     v_parameterization: bool | None = typer.Option(
         None,
         "--v-parameterization/--no-v-parameterization",
-        "--v_parameterization/--no_v_parameterization",
+        "--v_parameterization",
         help="Model predicts v (default: from metadata, else the SD2 768 heuristic).",
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),

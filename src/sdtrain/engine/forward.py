@@ -1,10 +1,10 @@
 """The trained forward (text conditioning + UNet prediction) as one module for accelerate.
 
 accelerate's `prepare` wraps this module (DDP with several processes, autocast with mixed
-precision); the UNet and text encoder are its children, so DDP sees every trainable parameter
-of both and its gradient exchange covers them. One process gets the module back unwrapped
-(only the autocast wrapper with mixed precision), so the numbers are those of calling the UNet
-directly.
+precision); the UNet and the family's text encoders are its children, so DDP sees every
+trainable parameter of them and its gradient exchange covers them. One process gets the
+module back unwrapped (only the autocast wrapper with mixed precision), so the numbers are those
+of calling the UNet directly.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ class TrainForward(torch.nn.Module):
     def __init__(self, method: Method, bundle: ModelBundle) -> None:
         super().__init__()
         self.unet = bundle.unet
-        self.text_encoder = bundle.text_encoder
+        self.text_encoders = torch.nn.ModuleList(bundle.family.text_encoders(bundle))
         # plain attributes, not submodules
         self.__dict__["method"] = method
         self.__dict__["bundle"] = bundle

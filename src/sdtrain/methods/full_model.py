@@ -92,15 +92,18 @@ class FullModelMethod:
         """Unfreeze the U-Net (and the text encoder when trained); return the LR groups."""
         self._bundle = bundle
         bundle.unet.requires_grad_(True).train()
-        bundle.text_encoder.requires_grad_(self.trains_te)
-        bundle.text_encoder.train(self.trains_te)
+        encoders = _text_encoders(bundle)
+        for encoder in encoders.values():
+            encoder.requires_grad_(self.trains_te)
+            encoder.train(self.trains_te)
         unet = [p for p in bundle.unet.parameters() if p.requires_grad]
         named = {f"unet.{n}": p for n, p in bundle.unet.named_parameters()}
         groups = []
         if self.trains_te:
-            text_named = bundle.text_encoder.named_parameters()
-            named.update({f"text_encoder.{n}": p for n, p in text_named})
-            text = list(bundle.text_encoder.parameters())
+            text = []
+            for root, encoder in encoders.items():
+                named.update({f"{root}.{n}": p for n, p in encoder.named_parameters()})
+                text.extend(encoder.parameters())
             if self.lr_te is None:
                 groups.append(ParamGroup("unet", unet + text, self.learning_rate))
             else:
@@ -127,10 +130,11 @@ class FullModelMethod:
         return self.te_active
 
     def _freeze_text_encoder(self, bundle: ModelBundle) -> None:
-        bundle.text_encoder.requires_grad_(False)
-        bundle.text_encoder.eval()
-        for p in bundle.text_encoder.parameters():
-            p.grad = None
+        for encoder in _text_encoders(bundle).values():
+            encoder.requires_grad_(False)
+            encoder.eval()
+            for p in encoder.parameters():
+                p.grad = None
         self.te_active = False
 
     def _sync_text_encoder(self, bundle: ModelBundle, global_step: int) -> None:
@@ -233,3 +237,10 @@ class FullModelMethod:
         """Samples show the deliverable's weights (the EMA when it is the deliverable)."""
         with self._ema_context(deliverable_only=True):
             yield
+
+
+def _text_encoders(bundle: ModelBundle) -> dict[str, torch.nn.Module]:
+    """The family's text encoders by bundle attribute name ("text_encoder" for SD1/SD2: the
+    parameter-name prefix of states and saves)."""
+    family = bundle.family
+    return dict(zip(family.text_encoder_names, family.text_encoders(bundle), strict=True))

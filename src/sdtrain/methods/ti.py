@@ -42,6 +42,26 @@ def _problem(key: str, message: str, hint: str = "") -> ConfigError:
     return ConfigError([Problem(key=f"{TABLE}.{key}", message=message, hint=hint)])
 
 
+def _text_pair(bundle: ModelBundle) -> tuple[Any, torch.nn.Module]:
+    """The (tokenizer, text encoder) the new tokens live in, through the model family; a
+    family with several text encoders (SDXL) is refused by name until TI supports it."""
+    family = bundle.family
+    encoders = family.text_encoders(bundle)
+    names = ", ".join(family.text_encoder_names)
+    if len(encoders) != 1:
+        raise ConfigError(
+            [
+                Problem(
+                    key="model.pretrained_model_name_or_path",
+                    message="Textual Inversion trains one text encoder's embeddings; "
+                    f"the {family.name} family has {len(encoders)} ({names})",
+                    hint="use an SD 1.x / 2.x base model",
+                )
+            ]
+        )
+    return family.tokenizers(bundle)[0], encoders[0]
+
+
 def build(config: RunConfig, plan: Plan) -> TiMethod:
     """The registry's builder: TiMethod from a validated `sdtrain train ti` config. Warns once
     (with a count) about captions that lack the token, unless templates replace them; an unset
@@ -168,10 +188,10 @@ class TiMethod:
         from sdtrain.models.token_rows import install_rows, taken_tokens
         from sdtrain.models.xti import XtiRows, site_names, stack_sites
 
+        tokenizer, encoder = _text_pair(bundle)
         bundle.unet.requires_grad_(False)
         bundle.vae.requires_grad_(False)
-        bundle.text_encoder.requires_grad_(False)
-        tokenizer = bundle.tokenizer
+        encoder.requires_grad_(False)
         taken = taken_tokens(tokenizer, self.names)
         if taken:
             raise _problem(
@@ -179,7 +199,7 @@ class TiMethod:
                 f"token(s) {', '.join(taken)} already exist in the tokenizer's vocabulary",
                 "choose a word the tokenizer does not know (e.g. a made-up one such as 'shs')",
             )
-        base = bundle.text_encoder.get_input_embeddings().weight.detach()
+        base = encoder.get_input_embeddings().weight.detach()
         sites = site_names(bundle.unet) if self.xti else []
         initial, self._initial = self._initial, None
         if isinstance(initial, dict):
@@ -202,7 +222,7 @@ class TiMethod:
             rows = rows.unsqueeze(0).repeat(len(sites), 1, 1)
         rows = rows.reshape(-1, base.shape[1])
         first = len(tokenizer)
-        self.rows = install_rows(tokenizer, bundle.text_encoder, self.names, rows)
+        self.rows = install_rows(tokenizer, encoder, self.names, rows)
         bundle.embeddings.names[self.token] = self.names  # sample prompts expand T
         if self.xti:
             self.layers = XtiRows(first, self.count, tuple(sites))
@@ -225,13 +245,12 @@ class TiMethod:
         from sdtrain.models.text import encode_tokens, tokenize
 
         captions = self.captions(batch.captions, step.generator)
-        ids = tokenize(bundle.tokenizer, captions, self.max_token_length)
-        eos = bundle.tokenizer.eos_token_id
+        tokenizer, encoder = _text_pair(bundle)
+        ids = tokenize(tokenizer, captions, self.max_token_length)
+        eos = tokenizer.eos_token_id
         if self.layers is None:
-            return Conditioning(
-                encode_tokens(bundle.text_encoder, ids, self.clip_skip, eos_token_id=eos)
-            )
-        states = self.layers.encode(bundle.text_encoder, ids, self.clip_skip, eos)
+            return Conditioning(encode_tokens(encoder, ids, self.clip_skip, eos_token_id=eos))
+        states = self.layers.encode(encoder, ids, self.clip_skip, eos)
         return Conditioning(states[self.layers.mid], layer_states=states)
 
     def loss_weights(self, batch: Batch) -> torch.Tensor | None:

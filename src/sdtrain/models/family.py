@@ -44,6 +44,8 @@ class ModelFamily(Protocol):
 
     def text_encoders(self, bundle: Any) -> list[torch.nn.Module]: ...
 
+    def tokenizers(self, bundle: Any) -> list[Any]: ...
+
     def adapter_roots(self, bundle: Any) -> dict[str, torch.nn.Module]: ...
 
     def encode_text(
@@ -108,6 +110,10 @@ class SDFamily:
     def text_encoders(self, bundle: Any) -> list[torch.nn.Module]:
         """The bundle's text encoders, in encoding order."""
         return [getattr(bundle, name) for name in self.text_encoder_names]
+
+    def tokenizers(self, bundle: Any) -> list[Any]:
+        """The bundle's tokenizers, paired with text_encoders() by position."""
+        return [getattr(bundle, name) for name in self.tokenizer_names]
 
     def adapter_roots(self, bundle: Any) -> dict[str, torch.nn.Module]:
         """Modules adapters attach to, by the root name of their kohya key map
