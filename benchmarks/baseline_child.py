@@ -39,6 +39,8 @@ def _targets(model, kinds: tuple[str, ...]) -> list[str]:
 def main() -> None:
     spec, resolution, precision, latents_mode, steps, out = sys.argv[1:7]
     resolution, steps = int(resolution), int(steps)
+    # as many images as sdtrain's dataset: the reference caches every image before training
+    images = int(sys.argv[7]) if len(sys.argv) > 7 else 1
     import torch
     from diffusers import DDPMScheduler
     from peft import LoraConfig, inject_adapter_in_model
@@ -77,14 +79,21 @@ def main() -> None:
         [CAPTION], padding="max_length", max_length=77, truncation=True, return_tensors="pt"
     ).input_ids
     generator = torch.Generator().manual_seed(0)
-    pixels = torch.rand(1, 3, resolution, resolution, generator=generator) * 2 - 1
-    with torch.no_grad():
-        cached = vae.encode(pixels.to(weight)).latent_dist.sample(generator).float()
+    all_pixels = [
+        torch.rand(1, 3, resolution, resolution, generator=generator) * 2 - 1 for _ in range(images)
+    ]
+    cached = []
+    if latents_mode == "cached":
+        with torch.no_grad():
+            for pixels in all_pixels:
+                dist = vae.encode(pixels.to(weight)).latent_dist
+                cached.append(dist.sample(generator).float())
     autocast = precision == "bf16"
     stamps, cpu, faults = [], [], []
-    for _ in range(steps):
+    for step in range(steps):
+        pixels = all_pixels[step % images]
         if latents_mode == "cached":
-            latents = cached * 0.18215
+            latents = cached[step % images] * 0.18215
         else:
             with torch.no_grad():
                 dist = vae.encode(pixels.to(weight)).latent_dist

@@ -66,12 +66,26 @@ CASES: dict[str, dict] = {
 TARGETS_GIB = {"fp32_adamw": 15.5, "adamw8bit": 10.0, "adafactor_fused": 6.5}
 
 
-def _vm_hwm() -> int:
-    """Peak resident set size of this process so far (bytes), from /proc/self/status."""
+def _vm_field(field: str) -> int:
+    """A /proc/self/status size field of this process (bytes)."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
     return 0
+
+
+def _vm_hwm() -> int:
+    """Peak resident set size of this process so far (bytes)."""
+    return _vm_field("VmHWM")
+
+
+def _phase(name: str) -> dict:
+    """Where memory stands at the end of phase `name`: current and peak RSS (GiB)."""
+    return {
+        "phase": name,
+        "rss_gib": round(_vm_field("VmRSS") / GIB, 2),
+        "peak_gib": round(_vm_hwm() / GIB, 2),
+    }
 
 
 def _write_toml(path: Path, case: dict, model: str, data: Path, out: Path, steps: int) -> None:
@@ -104,12 +118,15 @@ def child_sdtrain(result_path: str, total_steps: int, args: list[str]) -> None:
     from sdtrain.engine import loop
 
     stamps: list[float] = []
-    info: dict = {}
+    phases: list[dict] = []
+    info: dict = {"phases": phases}
     original_events = loop.Trainer._after_step_events
     original_setup = loop.Trainer._setup
 
     def setup(self):
+        phases.append(_phase("load + caching"))
         original_setup(self)
+        phases.append(_phase("engine setup"))
         import torch
 
         info["optimizer"] = self.built.description
@@ -125,6 +142,7 @@ def child_sdtrain(result_path: str, total_steps: int, args: list[str]) -> None:
 
     def after_step(self, counters):
         stamps.append(time.perf_counter())
+        phases.append(_phase(f"step {len(stamps)}"))
         if len(stamps) >= total_steps:
             result = {"stamps": stamps, "peak_rss_bytes": _vm_hwm(), **info}
             Path(result_path).write_text(json.dumps(result), encoding="utf-8")

@@ -43,6 +43,7 @@ sys.path.insert(0, str(HERE))
 
 from train_work import PRESETS, make_images, model_spec, write_run_toml  # noqa: E402
 
+IMAGES = 4  # images in the generated dataset; the baseline caches as many
 DEFAULT_STEPS = {"tiny": (3, 10), "small": (3, 10), "full": (2, 5)}  # (warm-up, timed)
 
 
@@ -156,7 +157,7 @@ def run_variant(variant: str, case: dict, work: Path, spec: str, steps: int, war
             env.update(_allocator_env())
         out = work / f"baseline-{time.time_ns()}.json"
         args = [str(HERE / "baseline_child.py"), spec, str(resolution), case["precision"]]
-        args += [case["latents"], str(steps), str(out)]
+        args += [case["latents"], str(steps), str(out), str(IMAGES)]
     if variant.startswith("sdtrain"):
         result, wall = _run_child(args, env, timeout=3600)
     else:
@@ -350,7 +351,7 @@ def main() -> None:
         for preset in {PRESETS[m].resolution for m in models} | (
             {128} if not args.no_profile else set()
         ):
-            make_images(work / f"data-{preset}", 4, preset)
+            make_images(work / f"data-{preset}", IMAGES, preset)
         if not args.no_cli:
             report["cli_help"] = cli_start(7)
         for model in models:

@@ -34,7 +34,8 @@ def _run(ctx: typer.Context, command: str, dry_run: bool, help_config: bool) -> 
 
         logging.getLogger("sdtrain").setLevel(logging.WARNING)
     loaded = load_run_config(list(ctx.args), METHODS[command].command, require_file=True)
-    prepared = prepare(loaded, command, write_caches=not dry_run)
+    # size caches (cache_info) are files: only the main process writes them
+    prepared = prepare(loaded, command, write_caches=not dry_run and main)
     if dry_run:
         render_plan(console, prepared.plan)
     elif main:

@@ -14,6 +14,7 @@ from sdtrain.errors import ConfigError, Problem, TrainingError
 
 if TYPE_CHECKING:
     from sdtrain.data.plan import Plan
+    from sdtrain.engine.distributed import Processes
     from sdtrain.engine.loop import TrainResult
     from sdtrain.models.bundle import ModelBundle
 
@@ -132,8 +133,11 @@ def _class_image_plan(loaded: LoadedConfig, command: str) -> Any:
     return plan_class_images(loaded.config.dreambooth)  # type: ignore[attr-defined]
 
 
-def _fill_class_images(prepared: Prepared, bundle: ModelBundle) -> None:
-    """Generate missing class images with the loaded base model, then re-plan the data."""
+def _fill_class_images(prepared: Prepared, bundle: ModelBundle, processes: Processes) -> None:
+    """Generate missing class images with the loaded base model, then re-plan the data.
+
+    The main process generates and writes them; the others wait, then find every image
+    present (nothing left to generate) and re-plan without writing size caches."""
     from sdtrain.data.plan import plan_for_run
     from sdtrain.engine.resume import data_fingerprint
     from sdtrain.tools.class_images import fill_class_images
@@ -143,8 +147,10 @@ def _fill_class_images(prepared: Prepared, bundle: ModelBundle) -> None:
         return
     cfg = prepared.loaded.config
     section = cfg.dreambooth  # type: ignore[attr-defined]
-    fill_class_images(bundle, section, plan, cfg.model.clip_skip)
-    prepared.plan = plan_for_run(prepared.loaded, write_caches=True)
+    with processes.main_first() as main:
+        if main:
+            fill_class_images(bundle, section, plan, cfg.model.clip_skip)
+    prepared.plan = plan_for_run(prepared.loaded, write_caches=processes.is_main)
     prepared.plan.require_valid()
     steps = prepared.plan.steps
     if steps is not None:
@@ -323,7 +329,7 @@ def _execute(prepared: Prepared, resume_hint: str) -> TrainResult:
     bundle = load_bundle(
         cfg.model, device=device_of(accelerator), keep_half=_keep_half(cfg, method, precision)
     )
-    _fill_class_images(prepared, bundle)
+    _fill_class_images(prepared, bundle, processes)
     steps = prepared.plan.steps
     assert steps is not None
     text = resolved_toml(cfg)
