@@ -16,6 +16,10 @@ The model is the bundled sd1 config with random weights, written once as a diffu
 `flock /tmp/sdtrain-bigmem.lock`. Prints one JSON object (and writes it to --out). Seconds per
 step: median over the steps after the warm-up; compare only numbers of one sitting.
 
+Each sdtrain case also records RSS and peak RSS at the end of each phase (load + caching, engine
+setup, every step); with BENCH_LIVE=1 the bytes of live CPU tensors too (RSS above them is
+runtime plus allocator waste).
+
 Usage: python benchmarks/bench_full.py [--cases fp32,adafactor_fused,...] [--steps 2,3]
        [--model-cache DIR] [--out result.json]
 """
@@ -143,6 +147,19 @@ def child_sdtrain(result_path: str, total_steps: int, args: list[str]) -> None:
     def after_step(self, counters):
         stamps.append(time.perf_counter())
         phases.append(_phase(f"step {len(stamps)}"))
+        if os.environ.get("BENCH_LIVE"):  # bytes of live CPU tensors (vs RSS: allocator waste)
+            import gc
+
+            import torch
+
+            seen, live = set(), 0
+            for obj in gc.get_objects():
+                if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
+                    storage = obj.untyped_storage()
+                    if storage.data_ptr() not in seen:
+                        seen.add(storage.data_ptr())
+                        live += storage.nbytes()
+            phases[-1]["live_tensors_gib"] = round(live / GIB, 3)
         if len(stamps) >= total_steps:
             result = {"stamps": stamps, "peak_rss_bytes": _vm_hwm(), **info}
             Path(result_path).write_text(json.dumps(result), encoding="utf-8")

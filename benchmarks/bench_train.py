@@ -175,7 +175,7 @@ def run_variant(variant: str, case: dict, work: Path, spec: str, steps: int, war
 
 
 def _run_baseline(args: list[str], env: dict[str, str]) -> tuple[dict, float]:
-    out = Path(args[-1])
+    out = Path(args[6])  # baseline_child.py SPEC RES PRECISION LATENTS STEPS OUT [IMAGES]
     env = {**env, "PYTHONPATH": _pythonpath(env)}
     started = time.perf_counter()
     proc = subprocess.run(
