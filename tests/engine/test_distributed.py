@@ -14,8 +14,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+from pathlib import Path
 
 import pytest
+import torch
 from train_runs import (
     STEPS,
     assert_same_training,
@@ -154,3 +156,49 @@ def test_the_run_summary_states_the_global_batch(tmp_path, run_data, monkeypatch
     monkeypatch.setenv("WORLD_SIZE", "2")
     lines = summary_lines(plan_for_run(loaded), "o")
     assert "global batch: 1 x 2 processes x 2 accumulation = 4 samples/step" in lines
+
+
+def test_close_destroys_the_process_group():
+    """A run's process group is destroyed when it ends (left to interpreter exit, gloo's
+    threads could abort a finished process), and close() is a no-op without one."""
+    import torch.distributed as dist
+
+    from sdtrain.engine.distributed import Processes
+
+    processes = Processes(accelerator=None)
+    processes.close()  # nothing initialised: nothing to do
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    assert dist.is_initialized()
+    processes.close()
+    assert not dist.is_initialized()
+
+
+def test_accelerate_launch_trains_what_torchrun_does(tmp_path, run_data, two_straight):
+    """`accelerate launch --multi_gpu --num_processes 2 -m sdtrain ...` (the README's command;
+    on a machine without GPUs accelerate's launcher starts CPU processes over gloo) gives the
+    2-process torchrun run's LoRA bit for bit, and every process exits 0."""
+    import shutil
+    import subprocess
+    import sys
+
+    from launched import launcher_env
+
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    assert accelerate, "accelerate's console script sits beside the interpreter"
+    out = tmp_path / "out"
+    config = write_config(tmp_path / "run.toml", run_data, out, network=NO_DROPOUT)
+    command = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    command += ["--mixed_precision", "no", "--dynamo_backend", "no", "-m", "sdtrain"]
+    done = subprocess.run(
+        [*command, *two_process_args(config)],
+        env=launcher_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    assert "terminate called" not in done.stderr
+    ta, tb = lora_file(out / "t.safetensors")[0], lora_file(two_straight / "t.safetensors")[0]
+    assert set(ta) == set(tb) and all(torch.equal(ta[k], tb[k]) for k in ta)
+    assert len(metrics(out)) == STEPS

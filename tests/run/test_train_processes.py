@@ -61,9 +61,10 @@ def test_class_images_are_generated_by_the_main_process_only(monkeypatch, is_mai
 def test_only_the_main_process_writes_size_caches_while_planning(
     cli, monkeypatch, tmp_path, is_main
 ):
+    from train_runs import make_dataset, write_config
+
     import sdtrain.launch
     import sdtrain.run.train
-    from train_runs import make_dataset, write_config
 
     seen: dict[str, bool] = {}
 

@@ -126,6 +126,15 @@ class Processes:
         if self.count > 1:
             self.accelerator.wait_for_everyone()
 
+    def close(self) -> None:
+        """Destroy the process group, if one is up: left to interpreter exit, gloo's threads
+        can be torn down while running and abort a process that finished its work
+        ("terminate called without an active exception", seen under `accelerate launch`)."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
     @contextlib.contextmanager
     def main_first(self) -> Iterator[bool]:
         """The main process runs the block first (writing files); the others run it after, to

@@ -394,7 +394,12 @@ def _execute(prepared: Prepared, resume_hint: str) -> TrainResult:
         trackers=trackers,
         accelerator=accelerator,
     )
-    return trainer.run()
+    try:
+        result = trainer.run()
+        processes.wait()  # every process is past its last collective before the group goes
+        return result
+    finally:
+        processes.close()
 
 
 def _validator(prepared: Prepared, output_dir: Path, state: Any) -> Any:
