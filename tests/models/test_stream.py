@@ -117,3 +117,26 @@ def test_sharded_index(tmp_path, tiny_files):
     assert model is not None
     for key, value in model.state_dict().items():
         assert torch.equal(value, state[key]), key
+
+
+def test_casts_through_one_staging_buffer_give_independent_equal_tensors(tmp_path):
+    from safetensors.torch import save_file
+
+    from sdtrain.models.stream import Staging, read_tensor
+
+    tensors = {  # small, large (the buffer grows), small again (reused), bf16 in between
+        "s": torch.randn(3, 4, dtype=torch.float16),
+        "l": torch.randn(50, 70, dtype=torch.float16),
+        "b": torch.randn(9, dtype=torch.bfloat16),
+        "t": torch.randn(2, dtype=torch.float16),
+    }
+    path = tmp_path / "t.safetensors"
+    save_file(tensors, str(path))
+    entries, _ = read_safetensors_header(path)
+    staging = Staging()
+    with open(path, "rb", buffering=0) as handle:
+        out = {k: read_tensor(handle, entries[k], torch.float32, staging) for k in tensors}
+    assert staging.buffer.numel() == 50 * 70 * 2
+    staging.buffer.fill_(0)  # nothing read aliases the buffer
+    for key, value in tensors.items():
+        assert out[key].dtype == torch.float32 and torch.equal(out[key], value.to(torch.float32))
