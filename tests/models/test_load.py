@@ -216,3 +216,31 @@ def test_file_loaded_in_the_requested_dtype(tiny_files, tiny_sd1, fmt):
     assert bundle.unet.dtype == torch.float16 and bundle.text_encoder.dtype == torch.float16
     assert bundle.vae.dtype == torch.float32
     assert torch.equal(bundle.unet.conv_in.weight, tiny_sd1.unet.conv_in.weight.half())
+
+
+@pytest.mark.parametrize("kind", ["diffusers", "safetensors"])
+@pytest.mark.parametrize("file_dtype", [torch.float32, torch.float16])
+def test_parts_loaded_in_their_training_dtype_equal_the_cast_after_load(
+    tiny_files, tmp_path, kind, file_dtype
+):
+    """part_dtypes: a frozen part loaded straight in bf16 holds exactly what loading it in fp32
+    and casting it (what the engine does) gives, for fp32 and fp16 files."""
+    from sdtrain.models.save import save_single_file
+
+    spec = tiny_files["sd1"][kind]
+    if file_dtype == torch.float16:
+        base = load_bundle(ModelSection(pretrained_model_name_or_path=str(spec)))
+        if kind == "diffusers":
+            spec = save_diffusers(base, tmp_path / "half", precision="fp16")
+        else:
+            spec = save_single_file(base, tmp_path / "half.safetensors", precision="fp16")
+    section = ModelSection(pretrained_model_name_or_path=str(spec))
+    wide = load_bundle(section)
+    bf16 = torch.bfloat16
+    direct = load_bundle(section, part_dtypes={"unet": bf16, "vae": bf16})
+    for name in ("unet", "vae"):
+        a, b = getattr(wide, name).state_dict(), getattr(direct, name).state_dict()
+        for key, value in a.items():
+            want = value.to(bf16) if value.is_floating_point() else value
+            assert b[key].dtype == want.dtype and torch.equal(b[key], want), f"{name}.{key}"
+    assert all(p.dtype == torch.float32 for p in direct.text_encoder.parameters())

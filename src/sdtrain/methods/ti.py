@@ -97,6 +97,10 @@ class TiMethod:
     """Trains n new token vectors (TI) or 16 x n (XTI) against a frozen SD1/SD2 model."""
 
     name = "ti"
+    export_needs_vae = False  # an embedding file holds only the vectors (the VAE can be released)
+    # frozen parts loaded straight in the compute dtype under mixed precision (nothing reads
+    # them in fp32 before the engine casts them: run/train.py `_part_dtypes`)
+    compute_dtype_parts = ("unet", "vae")
 
     def __init__(
         self,

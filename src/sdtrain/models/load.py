@@ -105,6 +105,7 @@ def load_bundle(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     keep_half: bool = False,
+    part_dtypes: dict[str, torch.dtype] | None = None,
 ) -> ModelBundle:
     """Load the base model of `section` onto `device` in `dtype`, offline.
 
@@ -113,6 +114,8 @@ def load_bundle(
     Models are returned in eval mode; freezing and training modes are the methods' business.
     keep_half: a UNet / text encoder whose file is float16 or bf16 stays in that dtype (marked
     `sdtrain_frozen_half`; engine/halfweights.py computes with it in fp32, bit-identically).
+    part_dtypes: "unet" / "text_encoder" / "vae" loaded straight in this dtype instead (frozen
+    parts the training casts to it anyway: no full-precision copy exists on the way).
     """
     spec = section.pretrained_model_name_or_path
     if not spec:
@@ -128,7 +131,8 @@ def load_bundle(
     device = torch.device(device)
     vae_dtype = torch.float32 if section.no_half_vae else dtype
     weights = None if keep_half else dtype  # None: the file's own dtype
-    dtypes = {"unet": weights, "text_encoder": weights, "vae": vae_dtype}
+    part_dtypes = part_dtypes or {}
+    dtypes = {"unet": weights, "text_encoder": weights, "vae": vae_dtype, **part_dtypes}
     bundle = _load_base(section, spec, dtypes)
     if section.vae:
         from sdtrain.models.vae import load_vae
@@ -136,11 +140,11 @@ def load_bundle(
         log.info("replacing the VAE with %s", section.vae)
         bundle.vae = load_vae(section.vae, bundle.vae)
         bundle.source.vae_spec = section.vae
-    for module in (bundle.unet, bundle.text_encoder):
+    for name, module in (("unet", bundle.unet), ("text_encoder", bundle.text_encoder)):
         first = next(module.parameters(), None)
-        half = keep_half and first is not None and first.dtype in HALF
-        move_module(module, device, first.dtype if half else dtype)
+        half = keep_half and first is not None and first.dtype in HALF and name not in part_dtypes
+        move_module(module, device, first.dtype if half else dtypes[name] or dtype)
         module.sdtrain_frozen_half = half  # type: ignore[assignment]
-    move_module(bundle.vae, device, vae_dtype)
+    move_module(bundle.vae, device, dtypes["vae"])
     apply_attention([bundle.unet, bundle.vae], section.attention, device)
     return bundle

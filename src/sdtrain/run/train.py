@@ -257,6 +257,20 @@ def _keep_half(cfg: Any, method: Any, precision: Any) -> bool:
     )
 
 
+def _part_dtypes(method: Any, precision: Any) -> dict[str, Any]:
+    """Frozen model parts to load straight in the dtype the engine casts them to under mixed
+    precision, so that their fp32 copy never exists (SD1.5's U-Net: 3.2 GiB at the load peak).
+
+    A method lists the parts nothing reads in fp32 before that cast (`compute_dtype_parts`):
+    not those it adapts (peft creates adapters in the base layer's dtype), nor the VAE where
+    class images are drawn first. The values are identical: a half cast goes through fp32.
+    """
+    if not precision.autocast:
+        return {}
+    parts = getattr(method, "compute_dtype_parts", ())
+    return {part: precision.vae if part == "vae" else precision.weight for part in parts}
+
+
 def _all_latents_cached(data: Any) -> bool:
     """True when every sample (and its flipped twin under flip_aug) has a cached latent."""
     for index, (plan, samples) in enumerate(zip(data.datasets, data.samples, strict=True)):
@@ -327,7 +341,10 @@ def _execute(prepared: Prepared, resume_hint: str) -> TrainResult:
 
         warn_if_emulated()
     bundle = load_bundle(
-        cfg.model, device=device_of(accelerator), keep_half=_keep_half(cfg, method, precision)
+        cfg.model,
+        device=device_of(accelerator),
+        keep_half=_keep_half(cfg, method, precision),
+        part_dtypes=_part_dtypes(method, precision),
     )
     _fill_class_images(prepared, bundle, processes)
     steps = prepared.plan.steps
