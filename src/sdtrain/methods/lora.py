@@ -55,8 +55,8 @@ class LoraMethod:
     name = "lora"
     export_needs_vae = False  # a LoRA file holds only the adapters (the VAE can be released)
     frozen_half_ok = True  # the frozen base may stay in the file's half precision (fp32 runs)
-    # not the U-Net / text encoder: peft would create the adapters in their dtype (a bf16 init)
-    compute_dtype_parts = ("vae",)
+    # the adapters are created in fp32 whatever the base's dtype (adapters/lora.py inject)
+    compute_dtype_parts = ("unet", "text_encoder", "vae")
 
     def __init__(
         self,

@@ -262,8 +262,9 @@ def _part_dtypes(method: Any, precision: Any) -> dict[str, Any]:
     precision, so that their fp32 copy never exists (SD1.5's U-Net: 3.2 GiB at the load peak).
 
     A method lists the parts nothing reads in fp32 before that cast (`compute_dtype_parts`):
-    not those it adapts (peft creates adapters in the base layer's dtype), nor the VAE where
-    class images are drawn first. The values are identical: a half cast goes through fp32.
+    frozen bases (LoRA creates its adapters in fp32 whatever the base's dtype), not trained
+    weights, nor the VAE where class images are drawn first. The values are identical: a half
+    cast goes through fp32.
     """
     if not precision.autocast:
         return {}

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -79,10 +81,11 @@ def inject(
         init_lora_weights=True,
         use_rslora=False,
     )
-    if root == "unet" and hasattr(model, "add_adapter"):
-        model.add_adapter(config, adapter_name=adapter)
-    else:
-        inject_adapter_in_model(config, model, adapter_name=adapter)
+    with _fp32_while_injecting([model.get_submodule(t.path) for t, _ in ranked]):
+        if root == "unet" and hasattr(model, "add_adapter"):
+            model.add_adapter(config, adapter_name=adapter)
+        else:
+            inject_adapter_in_model(config, model, adapter_name=adapter)
     modules = [LoraModule(t, model.get_submodule(t.path), adapter) for t, _ in ranked]
     for module, (_, (r, a)) in zip(modules, ranked, strict=True):
         if module.rank != r or module.alpha != a:
@@ -91,6 +94,25 @@ def inject(
                 f"{module.alpha}, expected {r}/{a}"
             )
     return modules, config
+
+
+@contextlib.contextmanager
+def _fp32_while_injecting(layers: list[torch.nn.Module]) -> Iterator[None]:
+    """Target layers whose weight is float16/bf16 (a base loaded in its compute dtype) hold it
+    up-cast to fp32 while peft injects: peft creates, initialises and then casts each adapter
+    to its base layer's dtype, so a half base would round the kaiming init. Afterwards the
+    weights go back to their dtype, bit for bit (half -> fp32 -> half is exact)."""
+    import torch
+
+    half = (torch.float16, torch.bfloat16)
+    restore = [(layer, layer.weight.dtype) for layer in layers if layer.weight.dtype in half]
+    for layer, _ in restore:
+        layer.weight.data = layer.weight.data.float()
+    try:
+        yield
+    finally:
+        for layer, dtype in restore:
+            layer.weight.data = layer.weight.data.to(dtype)
 
 
 def delta_weight(down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
