@@ -109,18 +109,13 @@ class Staging:
         return self.buffer[:nbytes].view(entry.dtype).view(entry.shape)
 
 
-def read_tensor(
-    handle, entry: Entry, dtype: torch.dtype | None = None, staging: Staging | None = None
-) -> torch.Tensor:
-    """A new tensor with `entry`'s values, cast to `dtype` (through `staging`, or one temporary,
-    when it differs)."""
+def read_tensor(handle, entry: Entry, dtype: torch.dtype | None, staging: Staging) -> torch.Tensor:
+    """A new tensor with `entry`'s values, cast to `dtype` through `staging` when it differs."""
     if dtype is None or dtype == entry.dtype:
         raw = torch.empty(entry.shape, dtype=entry.dtype)
         read_into(handle, entry, raw)
         return raw
-    raw = (
-        staging.view(entry) if staging is not None else torch.empty(entry.shape, dtype=entry.dtype)
-    )
+    raw = staging.view(entry)
     read_into(handle, entry, raw)
     out = torch.empty(entry.shape, dtype=dtype)
     out.copy_(raw)
