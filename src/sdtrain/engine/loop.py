@@ -160,6 +160,10 @@ class Trainer:
         self.params = [p for g in self.groups for p in g.params]
         self.built = build_optimizer(self.groups, self.sections.optimizer)
         self.optimizer = self.built.optimizer  # the optimizer itself (state dicts, eval/train)
+        if self.resume is None:  # a resumed run loads its state into place
+            from sdtrain.engine.optim_state import prime_state
+
+            prime_state(self.optimizer)  # before any activation or gradient (see the module)
         # the schedule runs in optimizer steps on every process: not prepared by accelerate
         # (its prepared scheduler steps once per process)
         self.fused = None

@@ -1,0 +1,80 @@
+"""Create an optimizer's per-parameter state before the first step, as that step would.
+
+Why: torch's Adam/AdamW and transformers' Adafactor create their state lazily, inside the first
+step, while every gradient (or, with the fused backward pass, the backward pass's activations)
+is alive. Their gigabytes then sit above memory that is freed right after, and the next step's
+activations and gradients do not fit back into that hole: the heap grows past the sum of what
+is live. Created before the first forward, the state sits below everything a step allocates and
+frees. The values are exactly the library's own first-step initialisation (zeros, step 0); a
+test compares them, and a run's parameters and state after several steps, with the lazy path
+bit for bit.
+
+Only optimizers whose initialisation is replicated here are primed (others keep their lazy
+state). A parameter that never receives a gradient (say the last text-encoder layer with
+clip_skip = 2) gets state too; it is never read, since these optimizers skip parameters
+without a gradient.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+
+def _prime_adam(optimizer: torch.optim.Optimizer) -> None:
+    """torch.optim.Adam / AdamW: what `Adam._init_group` creates for a parameter."""
+    import torch
+    from torch.optim.optimizer import _get_scalar_dtype
+
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state[p]
+            if state or not p.requires_grad:
+                continue
+            if group["capturable"] or group["fused"]:
+                dtype = _get_scalar_dtype(is_fused=group["fused"])
+                state["step"] = torch.zeros((), dtype=dtype, device=p.device)
+            else:
+                state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype(), device="cpu")
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if group["amsgrad"]:
+                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def _prime_adafactor(optimizer: torch.optim.Optimizer) -> None:
+    """transformers' Adafactor: what its step creates (state in float32, like its gradients)."""
+    import torch
+
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state[p]
+            if state or not p.requires_grad:
+                continue
+            factored, use_first_moment = optimizer._get_options(group, p.shape)
+            f32 = {"dtype": torch.float32, "device": p.device}  # the float() of a gradient
+            state["step"] = 0
+            if use_first_moment:
+                state["exp_avg"] = torch.zeros_like(p, **f32)
+            if factored:
+                state["exp_avg_sq_row"] = torch.zeros(p.shape[:-1], **f32)
+                state["exp_avg_sq_col"] = torch.zeros(p.shape[:-2] + p.shape[-1:], **f32)
+            else:
+                state["exp_avg_sq"] = torch.zeros_like(p, **f32)
+            state["RMS"] = 0
+
+
+def prime_state(optimizer: torch.optim.Optimizer) -> bool:
+    """Create the per-parameter state of a known optimizer now; False for other optimizers."""
+    import torch
+
+    kind = type(optimizer)
+    if kind in (torch.optim.Adam, torch.optim.AdamW):
+        _prime_adam(optimizer)
+        return True
+    if kind.__name__ == "Adafactor" and kind.__module__.startswith("transformers."):
+        _prime_adafactor(optimizer)
+        return True
+    return False
