@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sdtrain.engine.optim_state import prime_state
+from sdtrain.engine.optim_state import prime_state, settle_state, state_snapshot
 
 
 def _model() -> torch.nn.Module:
@@ -35,7 +35,7 @@ def _optimizers():
     }
 
 
-def _train(make, prime: bool, steps: int = 3):
+def _train(make, prime: bool, steps: int = 3, settle: bool = False):
     model = _model()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make(params)
@@ -46,7 +46,10 @@ def _train(make, prime: bool, steps: int = 3):
     for _ in range(steps):
         x = torch.randn(4, 3, 6, 6, generator=generator)
         model(x).square().mean().backward()
+        before = state_snapshot(optimizer)
         optimizer.step()
+        if settle:
+            settle_state(optimizer, before)
         optimizer.zero_grad(set_to_none=True)
     return model, optimizer
 
@@ -129,3 +132,36 @@ def test_primed_twice_keeps_state():
     first = {id(p): state["exp_avg"] for p, state in optimizer.state.items()}
     prime_state(optimizer)
     assert {id(p): state["exp_avg"] for p, state in optimizer.state.items()} == first
+
+
+@pytest.mark.parametrize("name", list(_optimizers()))
+def test_settled_state_trains_bit_identically_in_the_same_tensors(name):
+    make = _optimizers()[name]
+    lazy_model, lazy = _train(make, prime=False)
+    model, optimizer = _train(make, prime=True, steps=1, settle=True)
+    homes = {
+        (id(p), key): id(value)
+        for p, state in optimizer.state.items()
+        for key, value in state.items()
+        if isinstance(value, torch.Tensor)
+    }
+    # two more steps on the same model and optimizer: the tensors stay the same objects
+    generator = torch.Generator().manual_seed(1)
+    torch.randn(4, 3, 6, 6, generator=generator)  # the first step's batch
+    for _ in range(2):
+        x = torch.randn(4, 3, 6, 6, generator=generator)
+        model(x).square().mean().backward()
+        before = state_snapshot(optimizer)
+        optimizer.step()
+        settle_state(optimizer, before)
+        optimizer.zero_grad(set_to_none=True)
+    now = {
+        (id(p), key): id(value)
+        for p, state in optimizer.state.items()
+        for key, value in state.items()
+        if isinstance(value, torch.Tensor)
+    }
+    assert now == homes
+    _same(lazy.state_dict(), optimizer.state_dict())
+    for a, b in zip(lazy_model.parameters(), model.parameters(), strict=True):
+        assert torch.equal(a, b)

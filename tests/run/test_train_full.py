@@ -398,3 +398,55 @@ def test_adafactor_fused_backward_trains_end_to_end(run_dir, cli, captured):
     assert _changed(captured, "unet") > 0 and _changed(captured, "text_encoder") > 0
     records = (run_dir / "out" / "metrics.jsonl").read_text().splitlines()
     assert len(records) == 4 and all("nonfinite" not in line for line in records)
+
+
+def test_parked_vae_is_saved_bit_identical(run_dir, cli, captured, monkeypatch):
+    """With every latent cached the VAE waits on disk during training; the save has it intact."""
+    from diffusers import StableDiffusionPipeline
+
+    import sdtrain.models.park as park
+
+    parked: list[bool] = []
+    real = park.park_weights
+    monkeypatch.setattr(park, "park_weights", lambda *a: parked.append(real(*a)) or parked[-1])
+    args = ["train", "dreambooth", str(run_dir / "db.toml"), "--cache_latents"]
+    result = cli([*args, "--save_model_as", "safetensors"])
+    assert result.exit_code == 0, result.output
+    assert parked == [True]
+    vae = captured["bundle"].vae
+    assert vae.encoder.conv_in.weight.numel() == 0  # still parked after the run
+    pipe = StableDiffusionPipeline.from_single_file(
+        str(run_dir / "out" / "db.safetensors"),
+        config=_tiny_config(),
+        local_files_only=True,
+        tokenizer=captured["bundle"].tokenizer,
+        safety_checker=None,
+        requires_safety_checker=False,
+    )
+    saved = pipe.vae.state_dict()
+    for name, value in captured["before"].items():
+        if name.startswith("vae."):
+            assert torch.equal(saved[name.removeprefix("vae.")], value), name
+
+
+def test_samples_with_the_vae_parked_equal_samples_without(run_dir, cli, monkeypatch):
+    import sdtrain.models.park as park
+
+    (run_dir / "prompts.txt").write_text("shs pattern --d 5 --s 2 --w 64 --h 64\n")
+    args = ["--cache_latents", "--sample_prompts", str(run_dir / "prompts.txt")]
+    args += ["--sample_every_n_steps", "2", "--sample_sampler", "euler_a"]
+    parked: list[bool] = []
+    real = park.park_weights
+    monkeypatch.setattr(park, "park_weights", lambda *a: parked.append(real(*a)) or parked[-1])
+    result = cli(["train", "dreambooth", str(run_dir / "db.toml"), *args])
+    assert result.exit_code == 0, result.output
+    assert parked == [True]
+    (run_dir / "out").rename(run_dir / "parked")
+    monkeypatch.setattr(park, "park_weights", lambda *a: False)  # kept in memory
+    result = cli(["train", "dreambooth", str(run_dir / "db.toml"), *args])
+    assert result.exit_code == 0, result.output
+    ours = sorted((run_dir / "parked" / "sample").glob("*.png"))
+    theirs = sorted((run_dir / "out" / "sample").glob("*.png"))
+    assert len(ours) == len(theirs) >= 2
+    for a, b in zip(ours, theirs, strict=True):
+        assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b))), a.name

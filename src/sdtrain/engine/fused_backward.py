@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
+from sdtrain.engine.optim_state import settle_state, state_snapshot
 from sdtrain.errors import ConfigError, Problem
 
 if TYPE_CHECKING:
@@ -104,10 +105,12 @@ class FusedBackward:
         # the optimizer's own step over a one-parameter view of the group: the state (keyed by
         # the parameter) and the group's live hyper-parameters (LR from the scheduler) are used
         self.optimizer.param_groups = [{**group, "params": [param]}]
+        before = state_snapshot(self.optimizer, [param])
         try:
             self.optimizer.step()
         finally:
             self.optimizer.param_groups = saved
+        settle_state(self.optimizer, before)
         param.grad = None
         self.updates += 1
 

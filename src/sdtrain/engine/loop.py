@@ -584,15 +584,23 @@ class Trainer:
             )
         finite = bool(torch.isfinite(norm))
         if self.scaler is not None:
-            self.stepper.step()  # the scaler skips the update on overflow and lowers the scale
+            self._step_settled()  # the scaler skips the update on overflow and lowers the scale
             if finite:
                 return "ok"
             # at a scale below 1 the gradients overflow unscaled: really non-finite
             return "scaler_skip" if self.scaler.get_scale() >= 1.0 else "bad"
         if not finite:
             return "bad"
-        self.stepper.step()
+        self._step_settled()
         return "ok"
+
+    def _step_settled(self) -> None:
+        """The optimizer step; state tensors it rebinds stay where they were (optim_state.py)."""
+        from sdtrain.engine.optim_state import settle_state, state_snapshot
+
+        before = state_snapshot(self.optimizer)
+        self.stepper.step()
+        settle_state(self.optimizer, before)
 
     def _after_step_events(self, counters: Counters) -> None:
         step = counters.global_step

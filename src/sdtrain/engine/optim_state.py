@@ -9,6 +9,12 @@ frees. The values are exactly the library's own first-step initialisation (zeros
 test compares them, and a run's parameters and state after several steps, with the lazy path
 bit for bit.
 
+`settle_state` does the same for state a step replaces instead of updating in place (Adafactor
+assigns a new 0-d `RMS` tensor to every parameter at every step): the new value is copied into
+the tensor it replaces, so a thousand small long-lived tensors are not left scattered through
+memory the step's large temporaries use, which kept the heap from coalescing (full SD1.5,
+Adafactor + fused backward: 7.1 -> 8.2 GiB over 4 steps without it, 7.21 flat with it).
+
 Only optimizers whose initialisation is replicated here are primed (others keep their lazy
 state). A parameter that never receives a gradient (say the last text-encoder layer with
 clip_skip = 2) gets state too; it is never read, since these optimizers skip parameters
@@ -17,7 +23,7 @@ without a gradient.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -63,7 +69,9 @@ def _prime_adafactor(optimizer: torch.optim.Optimizer) -> None:
                 state["exp_avg_sq_col"] = torch.zeros(p.shape[:-2] + p.shape[-1:], **f32)
             else:
                 state["exp_avg_sq"] = torch.zeros_like(p, **f32)
-            state["RMS"] = 0
+            # 0 in the library, never read: every step computes it before use. A 0-d tensor here
+            # gives each step's new value a home that settle_state() keeps.
+            state["RMS"] = torch.zeros((), **f32)
 
 
 def prime_state(optimizer: torch.optim.Optimizer) -> bool:
@@ -78,3 +86,30 @@ def prime_state(optimizer: torch.optim.Optimizer) -> bool:
         _prime_adafactor(optimizer)
         return True
     return False
+
+
+def state_snapshot(optimizer: torch.optim.Optimizer, params: list[Any] | None = None) -> dict:
+    """The state entries of `params` (all parameters with state when None), before a step."""
+    state = optimizer.state
+    keys = state.keys() if params is None else [p for p in params if p in state]
+    return {p: dict(state[p]) for p in keys}
+
+
+def settle_state(optimizer: torch.optim.Optimizer, before: dict) -> None:
+    """Copy state tensors a step rebound back into the tensors they replaced (same shape, dtype
+    and device: the same values, in memory allocated before training)."""
+    import torch
+
+    for param, entries in before.items():
+        state = optimizer.state[param]
+        for key, old in entries.items():
+            new = state.get(key)
+            if (
+                new is not old
+                and isinstance(old, torch.Tensor)
+                and isinstance(new, torch.Tensor)
+                and (new.shape, new.dtype, new.device) == (old.shape, old.dtype, old.device)
+            ):
+                with torch.no_grad():
+                    old.copy_(new)
+                state[key] = old

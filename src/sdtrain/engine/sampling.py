@@ -99,7 +99,9 @@ class SampleHook:
             sample_num(epoch=epoch) if kind in ("first", "epoch") else sample_num(global_step=step)
         )
         logger.info("sampling %d prompt(s) at %s", len(self.prompts), num)
-        with self.method.sampling(self.bundle):
+        from sdtrain.models.park import resident
+
+        with self.method.sampling(self.bundle), resident(self.bundle.vae):
             results = generate_images(
                 self.bundle,
                 [expand_spec(spec, self.bundle.embeddings.names) for spec in self.prompts],

@@ -199,6 +199,12 @@ class FullModelMethod:
         return self.ema.swapped_in() if wanted and self.ema else contextlib.nullcontext()
 
     def _write(self, bundle: ModelBundle, point: SavePoint, stem: str) -> Path:
+        from sdtrain.models.park import resident
+
+        with resident(bundle.vae):  # parked during training once latents are cached
+            return self._write_resident(bundle, point, stem)
+
+    def _write_resident(self, bundle: ModelBundle, point: SavePoint, stem: str) -> Path:
         from sdtrain.models.save import save_diffusers, save_single_file
 
         fmt = save_format(self.section, bundle.source.kind)

@@ -283,13 +283,22 @@ def _all_latents_cached(data: Any) -> bool:
     return True
 
 
-def _release_vae(bundle: ModelBundle, data: Any) -> None:
-    """Free the VAE's weights: every latent is cached, nothing samples, the export needs none."""
+def _free_vae(bundle: ModelBundle, data: Any, needed: bool, main: bool, folder: Path) -> None:
+    """Free the VAE's memory once every latent is cached: release it when nothing needs it again
+    (no samples, an export without it, or a process that neither saves nor samples), else park
+    it on disk until a save or a sampling event (models/park.py)."""
     if not _all_latents_cached(data):
         return
     from sdtrain.models.release import release_weights
 
-    release_weights(bundle.vae, "the VAE", "every latent is cached and no samples are drawn")
+    if not needed:
+        release_weights(bundle.vae, "the VAE", "every latent is cached and no samples are drawn")
+    elif not main:
+        release_weights(bundle.vae, "the VAE", "only the main process saves and samples")
+    else:
+        from sdtrain.models.park import park_weights
+
+        park_weights(bundle.vae, folder, "the VAE")
 
 
 def execute(prepared: Prepared, resume_hint: str) -> TrainResult:
@@ -377,8 +386,9 @@ def _execute(prepared: Prepared, resume_hint: str) -> TrainResult:
         if prompts
         else None
     )
-    if cfg.training.cache_latents and not prompts and not getattr(method, "export_needs_vae", True):
-        _release_vae(bundle, data)
+    if cfg.training.cache_latents:
+        needed = bool(prompts) or getattr(method, "export_needs_vae", True)
+        _free_vae(bundle, data, needed, processes.is_main, output_dir)
     holder: dict[str, Any] = {}
 
     def metadata(step: int, epoch: int) -> dict[str, str]:
