@@ -23,10 +23,20 @@ without a gradient.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
+
+
+def _without_state(optimizer: torch.optim.Optimizer) -> Iterator[tuple[dict, Any, dict]]:
+    """(group, parameter, its empty state dict) for every trainable parameter without state."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state[p]
+            if not state and p.requires_grad:
+                yield group, p, state
 
 
 def _prime_adam(optimizer: torch.optim.Optimizer) -> None:
@@ -34,44 +44,36 @@ def _prime_adam(optimizer: torch.optim.Optimizer) -> None:
     import torch
     from torch.optim.optimizer import _get_scalar_dtype
 
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            state = optimizer.state[p]
-            if state or not p.requires_grad:
-                continue
-            if group["capturable"] or group["fused"]:
-                dtype = _get_scalar_dtype(is_fused=group["fused"])
-                state["step"] = torch.zeros((), dtype=dtype, device=p.device)
-            else:
-                state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype(), device="cpu")
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            if group["amsgrad"]:
-                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    for group, p, state in _without_state(optimizer):
+        if group["capturable"] or group["fused"]:
+            dtype = _get_scalar_dtype(is_fused=group["fused"])
+            state["step"] = torch.zeros((), dtype=dtype, device=p.device)
+        else:
+            state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype(), device="cpu")
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if group["amsgrad"]:
+            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
 def _prime_adafactor(optimizer: torch.optim.Optimizer) -> None:
     """transformers' Adafactor: what its step creates (state in float32, like its gradients)."""
     import torch
 
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            state = optimizer.state[p]
-            if state or not p.requires_grad:
-                continue
-            factored, use_first_moment = optimizer._get_options(group, p.shape)
-            f32 = {"dtype": torch.float32, "device": p.device}  # the float() of a gradient
-            state["step"] = 0
-            if use_first_moment:
-                state["exp_avg"] = torch.zeros_like(p, **f32)
-            if factored:
-                state["exp_avg_sq_row"] = torch.zeros(p.shape[:-1], **f32)
-                state["exp_avg_sq_col"] = torch.zeros(p.shape[:-2] + p.shape[-1:], **f32)
-            else:
-                state["exp_avg_sq"] = torch.zeros_like(p, **f32)
-            # 0 in the library, never read: every step computes it before use. A 0-d tensor here
-            # gives each step's new value a home that settle_state() keeps.
-            state["RMS"] = torch.zeros((), **f32)
+    for group, p, state in _without_state(optimizer):
+        factored, use_first_moment = optimizer._get_options(group, p.shape)
+        f32 = {"dtype": torch.float32, "device": p.device}  # the float() of a gradient
+        state["step"] = 0
+        if use_first_moment:
+            state["exp_avg"] = torch.zeros_like(p, **f32)
+        if factored:
+            state["exp_avg_sq_row"] = torch.zeros(p.shape[:-1], **f32)
+            state["exp_avg_sq_col"] = torch.zeros(p.shape[:-2] + p.shape[-1:], **f32)
+        else:
+            state["exp_avg_sq"] = torch.zeros_like(p, **f32)
+        # 0 in the library, never read: every step computes it before use. A 0-d tensor here
+        # gives each step's new value a home that settle_state() keeps.
+        state["RMS"] = torch.zeros((), **f32)
 
 
 def prime_state(optimizer: torch.optim.Optimizer) -> bool:
