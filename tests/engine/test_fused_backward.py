@@ -1,4 +1,4 @@
-"""Fused backward pass: per-weight Adafactor updates during backward, gradients freed at once."""
+"""Fused backward pass: per-weight optimizer updates during backward, gradients freed at once."""
 
 from __future__ import annotations
 
@@ -21,9 +21,11 @@ def _model(seed: int = 0) -> torch.nn.Module:
     )
 
 
-def _optimizer(model: torch.nn.Module, **kw) -> torch.optim.Optimizer:
-    section = OptimizerSection(optimizer_type="Adafactor", learning_rate=0.0, **kw)
-    groups = [ParamGroup("unet", list(model.parameters()), 0.0)]
+def _optimizer(
+    model: torch.nn.Module, name: str = "Adafactor", lr: float = 0.0, **kw
+) -> torch.optim.Optimizer:
+    section = OptimizerSection(optimizer_type=name, learning_rate=lr, **kw)
+    groups = [ParamGroup("unet", list(model.parameters()), lr)]
     return build_optimizer(groups, section).optimizer
 
 
@@ -99,16 +101,76 @@ def test_state_dict_round_trip_resumes_exactly():
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True))
 
 
+# (optimizer_type, optimizer_args, module that must be importable)
+PER_WEIGHT = [
+    ("AdamW", [], "torch"),
+    ("AdamW", ["fused=False", "weight_decay=0.1", "amsgrad=True"], "torch"),
+    ("Adam", [], "torch"),
+    ("SGDNesterov", [], "torch"),
+    ("RMSprop", ["momentum=0.5"], "torch"),
+    ("Adagrad", [], "torch"),
+    ("Adamax", [], "torch"),
+    ("NAdam", [], "torch"),
+    ("RAdam", ["decoupled_weight_decay=True", "weight_decay=0.01"], "torch"),
+    ("AdamW8bit", [], "bitsandbytes"),
+    ("Lion8bit", [], "bitsandbytes"),
+    ("Lion", [], "lion_pytorch"),
+]
+
+
+@pytest.mark.parametrize(("name", "args", "module"), PER_WEIGHT)
+def test_per_weight_optimizers_fused_update_exactly_as_their_step(name, args, module):
+    """Without clipping, a fused run is bit-identical to the optimizer's own step() after
+    backward, and its state too; so the same optimizer keeps its meaning with the fused pass."""
+    pytest.importorskip(module)
+    plain, fused = _model(), _model()
+    kw = {"lr": 1e-2, "optimizer_args": args}
+    opt_plain, opt_fused = _optimizer(plain, name, **kw), _optimizer(fused, name, **kw)
+    hooks = FusedBackward(opt_fused, 0.0)
+    for step in range(4):
+        _loss(plain, step).backward()
+        opt_plain.step()
+        opt_plain.zero_grad(set_to_none=True)
+        _loss(fused, step).backward()
+        assert all(p.grad is None for p in fused.parameters())
+        assert hooks.take_finite()
+    for a, b in zip(plain.parameters(), fused.parameters(), strict=True):
+        assert torch.equal(a, b)
+        sa, sb = opt_plain.state[a], opt_fused.state[b]
+        assert sa.keys() == sb.keys()
+        for key in sa:
+            if isinstance(sa[key], torch.Tensor):
+                assert torch.equal(sa[key], sb[key]), key
+    start = _model().parameters()
+    assert any(not torch.equal(a, b) for a, b in zip(start, fused.parameters(), strict=True))
+
+
 def test_settings_it_cannot_work_with():
     ok = OptimizerSection(optimizer_type="Adafactor", fused_backward_pass=True)
     check_fused_backward(ok, TrainingSection())
+    for name in ("AdamW", "adamw8bit", "Lion", "SGDNesterov", "SGD", "RAdam"):
+        check_fused_backward(
+            OptimizerSection(optimizer_type=name, fused_backward_pass=True), TrainingSection()
+        )
     check_fused_backward(OptimizerSection(), TrainingSection(gradient_accumulation_steps=4))
     with pytest.raises(ConfigError) as info:
         check_fused_backward(
-            OptimizerSection(optimizer_type="AdamW", fused_backward_pass=True),
+            OptimizerSection(optimizer_type="Prodigy", fused_backward_pass=True),
             TrainingSection(gradient_accumulation_steps=2),
         )
     messages = [p.message for p in info.value.problems]
     assert len(messages) == 2
-    assert "Adafactor" in messages[0] and "accumulated" in messages[1]
+    assert "Prodigy estimates one step size" in messages[0] and "accumulated" in messages[1]
     assert all(p.key == "optimizer.fused_backward_pass" for p in info.value.problems)
+    refused = {
+        "AdamWScheduleFree": "per parameter group",
+        "DAdaptAdam": "every weight",
+        "LBFGS": "cannot tell",
+        "mypkg.optim.Fancy": "cannot tell",
+    }
+    for name, why in refused.items():
+        section = OptimizerSection(optimizer_type=name, fused_backward_pass=True)
+        with pytest.raises(ConfigError) as info:
+            check_fused_backward(section, TrainingSection())
+        assert why in info.value.problems[0].message, name
+        assert "AdamW8bit" in info.value.problems[0].hint

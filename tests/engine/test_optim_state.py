@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -24,7 +26,18 @@ def _optimizers():
     from transformers.optimization import Adafactor
 
     plain = {"scale_parameter": False, "relative_step": False, "warmup_init": False}
+    found = {}
+    if importlib.util.find_spec("bitsandbytes") is not None:  # optional extra: sdtrain[bnb]
+        import bitsandbytes as bnb
+
+        small = {"min_8bit_size": 16}  # 8-bit state for the test's small weights too
+        found = {
+            "adamw8bit": lambda p: bnb.optim.AdamW8bit(p, lr=1e-2, **small),
+            "lion8bit": lambda p: bnb.optim.Lion8bit(p, lr=1e-2, **small),
+            "adamw8bit_32bit_state": lambda p: bnb.optim.AdamW8bit(p, lr=1e-2),
+        }
     return {
+        **found,
         "adamw": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1),
         "adamw_fused": lambda p: torch.optim.AdamW(p, lr=1e-2, fused=True),
         "adamw_amsgrad": lambda p: torch.optim.AdamW(p, lr=1e-2, foreach=True, amsgrad=True),
@@ -107,6 +120,9 @@ def test_primed_state_is_the_first_step_state(name):
         for key, value in primed_state.items():
             if key == "RMS":
                 continue  # Adafactor's init writes 0; every step replaces it with a tensor
+            if key.startswith("qmap"):  # bitsandbytes' quantisation maps (shared, not zero)
+                assert torch.equal(value, lazy_state[key])
+                continue
             other = lazy_state[key]
             assert type(value) is type(other)
             if isinstance(value, torch.Tensor):

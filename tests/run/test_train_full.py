@@ -381,9 +381,32 @@ def test_lora_learning_rates_are_refused(run_dir):
     _exit_2(run_dir, "dreambooth", text, "optimizer.text_encoder_lr", "text_encoder_lr = 1e-4")
 
 
-def test_fused_backward_needs_adafactor(run_dir):
-    text = DB.replace("[optimizer]\n", "[optimizer]\nfused_backward_pass = true\n")
+def test_fused_backward_needs_a_per_weight_optimizer(run_dir):
+    text = DB.replace(
+        "[optimizer]\n", '[optimizer]\nfused_backward_pass = true\noptimizer_type = "Prodigy"\n'
+    )
     _exit_2(run_dir, "dreambooth", text, "optimizer.fused_backward_pass", None)
+
+
+def test_adamw_fused_backward_trains_bit_identically_to_its_plain_step(run_dir, cli, captured):
+    """AdamW updated weight by weight during backward gives the weights of its normal step (no
+    clipping: the fused pass clips per weight, the normal step by the global norm)."""
+    args = ["train", "dreambooth", str(run_dir / "db.toml"), "--max_grad_norm", "0"]
+    finals = {}
+    for fused in (False, True):
+        out = run_dir / f"out-{fused}"
+        flags = ["--output_dir", str(out), *(["--fused_backward_pass"] if fused else [])]
+        result = cli([*args, *flags])
+        assert result.exit_code == 0, result.output
+        assert _changed(captured, "unet") > 0 and _changed(captured, "text_encoder") > 0
+        bundle = captured["bundle"]
+        finals[fused] = {
+            f"{part}.{name}": p.detach().clone()
+            for part in ("unet", "text_encoder")
+            for name, p in getattr(bundle, part).named_parameters()
+        }
+    assert finals[False].keys() == finals[True].keys()
+    assert all(torch.equal(finals[False][k], finals[True][k]) for k in finals[False])
 
 
 def test_full_bf16_with_adamw_is_refused(run_dir):

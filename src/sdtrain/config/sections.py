@@ -283,8 +283,9 @@ class OptimizerSection(Section):
     lr_scheduler_power: float = Field(1.0, description="polynomial power")
     fused_backward_pass: bool = Field(
         False,
-        description="Adafactor only: update each weight and free its gradient during backward "
-        "(per-weight clipping; no gradient accumulation)",
+        description="update each weight and free its gradient during backward (optimizers "
+        "that update each weight on its own: Adafactor, AdamW, AdamW8bit, Lion, SGDNesterov, ...; "
+        "per-weight clipping; no gradient accumulation; one process)",
     )
 
 

@@ -160,12 +160,6 @@ class Trainer:
         self.params = [p for g in self.groups for p in g.params]
         self.built = build_optimizer(self.groups, self.sections.optimizer)
         self.optimizer = self.built.optimizer  # the optimizer itself (state dicts, eval/train)
-        if self.resume is None:  # a resumed run loads its state into place
-            from sdtrain.engine.optim_state import prime_state
-
-            prime_state(self.optimizer)  # before any activation or gradient (see the module)
-        # the schedule runs in optimizer steps on every process: not prepared by accelerate
-        # (its prepared scheduler steps once per process)
         self.fused = None
         if self.sections.optimizer.fused_backward_pass:
             from sdtrain.engine.fused_backward import FusedBackward
@@ -177,6 +171,8 @@ class Trainer:
                     hint="train on one process, or drop fused_backward_pass",
                 )
             self.fused = FusedBackward(self.optimizer, training.max_grad_norm)
+        # the schedule runs in optimizer steps on every process: not prepared by accelerate
+        # (its prepared scheduler steps once per process)
         self.scheduler = build_lr_scheduler(
             self.optimizer, self.sections.optimizer, self.steps.total_steps
         )
@@ -188,6 +184,12 @@ class Trainer:
             ignore_frozen(forward)
         # DDP with several processes, autocast with mixed precision, the fp16 scaler
         self.forward, self.stepper = self.accelerator.prepare(forward, self.optimizer)
+        if self.resume is None:  # a resumed run loads its state into place
+            from sdtrain.engine.optim_state import prime_state
+
+            # before any activation or gradient (see the module), after prepare: its device
+            # placement round-trips the state dict, which bitsandbytes deep-copies
+            prime_state(self.optimizer)
         self.scaler = self.accelerator.scaler
         noise = NoiseRecipe(training, bundle.noise_scheduler, bundle.family.is_v)
         self.ctx = StepContext(
