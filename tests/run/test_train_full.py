@@ -385,7 +385,8 @@ def test_fused_backward_needs_a_per_weight_optimizer(run_dir):
     text = DB.replace(
         "[optimizer]\n", '[optimizer]\nfused_backward_pass = true\noptimizer_type = "Prodigy"\n'
     )
-    _exit_2(run_dir, "dreambooth", text, "optimizer.fused_backward_pass", None)
+    key = "optimizer.fused_backward_pass"
+    _exit_2(run_dir, "dreambooth", text, key, "fused_backward_pass = true")
 
 
 def test_adamw_fused_backward_trains_bit_identically_to_its_plain_step(run_dir, cli, captured):

@@ -72,7 +72,7 @@ def prepare(loaded: LoadedConfig, command: str, write_caches: bool = False) -> P
     from sdtrain.engine.fused_backward import check_fused_backward
     from sdtrain.engine.resume import check_resume_config, data_fingerprint, resolve_resume
     from sdtrain.launch import is_main_process
-    from sdtrain.run.full_checks import check_full_model_run
+    from sdtrain.run.full_checks import check_full_model_run, located
     from sdtrain.run.lock import check_run_folder_free
 
     _require(loaded)
@@ -80,7 +80,15 @@ def prepare(loaded: LoadedConfig, command: str, write_caches: bool = False) -> P
     main = is_main_process()
     if main:  # the main process takes the lock; a worker checking would find its own run
         check_run_folder_free(Path(str(cfg.training.output_dir)))  # before reading its states
-    check_fused_backward(cfg.optimizer, cfg.training)
+    try:
+        check_fused_backward(cfg.optimizer, cfg.training)
+    except ConfigError as err:  # point at the line that switched it on
+        raise ConfigError(
+            [
+                located(loaded, "optimizer", "fused_backward_pass", p.message, p.hint)
+                for p in err.problems
+            ]
+        ) from None
     with verifying_pixels():  # decode every image once: broken pixel data is found here
         plan = plan_for_run(loaded, write_caches=write_caches and main)  # cache_info size caches
     from sdtrain.run.checks import check_before_load
