@@ -7,13 +7,13 @@ gradient. So at most a few gradients exist at any time instead of one per parame
 SD1.5 (0.98 B parameters, 3.66 GiB of fp32 gradients) AdamW's peak falls 15.6 -> 12.5 GiB.
 
 Rules (checked before any weight loads, see `check_fused_backward`):
-- only optimizers whose update of one weight reads nothing but that weight's gradient, its own
-  state and its group's settings: Adafactor (the reference accepts only this one), AdamW, Adam,
-  the bitsandbytes 8-bit/paged AdamW, Lion and SGD, Lion, SGDNesterov and the per-weight
-  torch.optim classes (`PER_WEIGHT_TORCH`). Each one's fused update is the update its own step()
-  makes for that weight. D-Adaptation and Prodigy (one step size estimated from every gradient),
-  the schedule-free optimizers (step counts kept per parameter group) and classes given by dotted
-  path (unknown) are refused by name;
+- only optimizers whose update of one weight reads nothing but that weight's gradient, its own state
+  and its group's settings: Adafactor (the reference accepts only this one), AdamW, SGDNesterov,
+  lion-pytorch's Lion, bitsandbytes' 8-bit/paged AdamW, Lion and SGD, and the per-weight torch.optim
+  classes (`PER_WEIGHT_TORCH`). Each one's fused update is the update its own step() makes for that
+  weight. D-Adaptation and Prodigy (one step size estimated from every gradient), the schedule-free
+  optimizers (step counts kept per parameter group) and classes given by dotted path (unknown) are
+  refused by name;
 - gradient_accumulation_steps must be 1 (a fused step consumes each gradient at once);
 - clipping is per parameter (the global norm is not known until backward has ended, when the
   updates are done); `max_grad_norm = 0` disables it, as usual;

@@ -1,14 +1,13 @@
 """Create an optimizer's per-parameter state before the first step, as that step would.
 
 Why: torch's Adam/AdamW, transformers' Adafactor and bitsandbytes' 8-bit optimizers create their
-state lazily, inside the first
-step, while every gradient (or, with the fused backward pass, the backward pass's activations)
-is alive. Their gigabytes then sit above memory that is freed right after, and the next step's
-activations and gradients do not fit back into that hole: the heap grows past the sum of what
-is live. Created before the first forward, the state sits below everything a step allocates and
-frees. The values are exactly the library's own first-step initialisation (zeros, step 0); a
-test compares them, and a run's parameters and state after several steps, with the lazy path
-bit for bit.
+state lazily, inside the first step, while every gradient (or, with the fused backward pass, the
+backward pass's activations) is alive. Their gigabytes then sit above memory that is freed right
+after, and the next step's activations and gradients do not fit back into that hole: the heap grows
+past the sum of what is live. Created before the first forward, the state sits below everything a
+step allocates and frees. The values are exactly the library's own first-step initialisation (zeros,
+step 0); a test compares them, and a run's parameters and state after several steps, with the lazy
+path bit for bit.
 
 `settle_state` does the same for state a step replaces instead of updating in place (Adafactor
 assigns a new 0-d `RMS` tensor to every parameter at every step): the new value is copied into
