@@ -202,3 +202,51 @@ def test_accelerate_launch_trains_what_torchrun_does(tmp_path, run_data, two_str
     ta, tb = lora_file(out / "t.safetensors")[0], lora_file(two_straight / "t.safetensors")[0]
     assert set(ta) == set(tb) and all(torch.equal(ta[k], tb[k]) for k in ta)
     assert len(metrics(out)) == STEPS
+
+
+def test_two_machines_train_what_one_machine_does(tmp_path, run_data, two_straight):
+    """Multi-node through accelerate's own flags: two `accelerate launch --num_machines 2
+    --machine_rank R --main_process_ip ...` launchers (one process each, both on this host) give
+    the one-machine 2-process LoRA bit for bit; both exit 0 and only machine 0 writes."""
+    import shutil
+    import socket
+    import subprocess
+    import sys
+
+    from launched import launcher_env
+
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    assert accelerate
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = tmp_path / "out"
+    config = write_config(tmp_path / "run.toml", run_data, out, network=NO_DROPOUT)
+    launchers = []
+    for rank in (0, 1):
+        command = [accelerate, "launch", "--multi_gpu", "--num_machines", "2"]
+        command += ["--num_processes", "2", "--machine_rank", str(rank)]
+        command += ["--main_process_ip", "127.0.0.1", "--main_process_port", str(port)]
+        command += ["--mixed_precision", "no", "--dynamo_backend", "no", "-m", "sdtrain"]
+        log = open(tmp_path / f"machine{rank}.log", "wb")  # noqa: SIM115 (closed below)
+        launchers.append(
+            (
+                subprocess.Popen(
+                    [*command, *two_process_args(config)],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=launcher_env(),
+                ),
+                log,
+            )
+        )
+    codes = []
+    for proc, log in launchers:
+        codes.append(proc.wait(timeout=600))
+        log.close()
+    assert codes == [0, 0], read_log(tmp_path / "machine0.log") + read_log(
+        tmp_path / "machine1.log"
+    )
+    ta, tb = lora_file(out / "t.safetensors")[0], lora_file(two_straight / "t.safetensors")[0]
+    assert set(ta) == set(tb) and all(torch.equal(ta[k], tb[k]) for k in ta)
+    assert len(metrics(out)) == STEPS

@@ -50,9 +50,12 @@ def summary_lines(plan: Plan, output: str) -> list[str]:
         sizes = sorted({d.batch_size for d in datasets}) or [1]
         per = "/".join(str(b) for b in sizes)
         total = "/".join(str(b * processes * accumulation) for b in sizes)
+        from sdtrain.engine.zero import zero_requested
+
+        zero = ", DeepSpeed ZeRO: optimizer state split over them" if zero_requested() else ""
         lines.append(
             f"global batch: {per} x {processes} processes x {accumulation} accumulation"
-            f" = {total} samples/step"
+            f" = {total} samples/step{zero}"
         )
     lines.append(f"output: {output}  (full plan: sdtrain dataset plan, or --dry-run)")
     return lines

@@ -7,8 +7,12 @@ seeds, and the rule that decisions (non-finite guard, Ctrl-C stop, saves) are ag
 processes and that only the main process writes files.
 
 Supported: one process, several GPUs (DDP, one machine or several, from accelerate's config),
-several CPU processes (gloo). Refused by name: DeepSpeed, FSDP, Megatron-LM, XLA/TPU, torch
-dynamo compilation and accelerate-level gradient accumulation (sdtrain accumulates itself).
+several CPU processes (gloo), and DeepSpeed ZeRO stage 1/2 for the full-model methods
+(engine/zero.py). Refused by name: FSDP, Megatron-LM, XLA/TPU, torch dynamo compilation and
+accelerate-level gradient accumulation (sdtrain accumulates itself).
+
+The process layout (count, rank) is read from torch.distributed once its group is up: under
+DeepSpeed on CPUs, accelerate reports process 0 of 1 in every process.
 """
 
 from __future__ import annotations
@@ -27,10 +31,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-_SUPPORTED = ("NO", "MULTI_GPU", "MULTI_CPU")
+_SUPPORTED = ("NO", "MULTI_GPU", "MULTI_CPU", "DEEPSPEED")
 _WHY = {
-    "DEEPSPEED": "DeepSpeed (ZeRO) shards the optimizer and owns backward, clipping and the "
-    "loss scaler; sdtrain's exact resume and state format do not cover it yet",
     "FSDP": "FSDP shards parameters; sdtrain's exports and states read whole parameters",
     "MEGATRON_LM": "Megatron-LM needs model-parallel model code",
     "XLA": "TPU/XLA is not supported",
@@ -59,9 +61,12 @@ def make_accelerator(mixed_precision: str) -> Any:
     # the process group (PartialState) is kept
     AcceleratorState._reset_state()
     GradientState._reset_state()
+    from sdtrain.engine.zero import zero_requested
+
     accelerator = Accelerator(
         mixed_precision=mixed_precision,
-        cpu=not torch.cuda.is_available(),
+        # accelerate ignores a DeepSpeed config when told cpu=True; its CPU engine is fine
+        cpu=not torch.cuda.is_available() and not zero_requested(),
         gradient_accumulation_steps=1,
         # frozen buffers are identical everywhere: no broadcast before every forward
         kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
@@ -70,8 +75,8 @@ def make_accelerator(mixed_precision: str) -> Any:
     if kind not in _SUPPORTED:
         raise TrainingError(
             f"accelerate distributed_type {kind} is not supported: {_WHY.get(kind, kind)}",
-            hint="use data-parallel training (MULTI_GPU, `accelerate config` without DeepSpeed/"
-            "FSDP, or torchrun); LoRA and other adapters fit one GPU each",
+            hint="use data-parallel training (MULTI_GPU, `accelerate config` without FSDP, or "
+            "torchrun), or DeepSpeed ZeRO-2 for full-model training",
         )
     if accelerator.gradient_accumulation_steps != 1:
         raise TrainingError(
@@ -104,27 +109,32 @@ class Processes:
 
     @property
     def count(self) -> int:
-        return int(self.accelerator.num_processes)
+        group = _group()
+        return group.get_world_size() if group else int(self.accelerator.num_processes)
 
     @property
     def index(self) -> int:
-        return int(self.accelerator.process_index)
+        group = _group()
+        return group.get_rank() if group else int(self.accelerator.process_index)
 
     @property
     def is_main(self) -> bool:
-        return bool(self.accelerator.is_main_process)
+        return self.index == 0
 
     def agree(self, values: torch.Tensor) -> list[float]:
         """Sums of `values` (a 1-d float64 tensor) over all processes, on the host (one host
         sync; no collective on one process)."""
-        if self.count > 1:
-            values = self.accelerator.reduce(values, reduction="sum")
+        group = _group()
+        if group is not None and self.count > 1:
+            values = values.clone()
+            group.all_reduce(values, op=group.ReduceOp.SUM)
         return [float(v) for v in values.tolist()]
 
     def wait(self) -> None:
         """Barrier: every process reaches this point before any goes on (no-op on one)."""
-        if self.count > 1:
-            self.accelerator.wait_for_everyone()
+        group = _group()
+        if group is not None and self.count > 1:
+            group.barrier()
 
     def close(self) -> None:
         """Destroy the process group, if one is up: left to interpreter exit, gloo's threads
@@ -146,6 +156,13 @@ class Processes:
         finally:
             if self.is_main:
                 self.wait()
+
+
+def _group() -> Any:
+    """torch.distributed when its process group is up, else None."""
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
 
 
 def ignore_frozen(module: torch.nn.Module) -> None:

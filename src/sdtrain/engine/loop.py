@@ -180,10 +180,27 @@ class Trainer:
         from sdtrain.engine.forward import TrainForward
 
         forward = TrainForward(self.method, bundle)
-        if self.processes.count > 1:
+        self.zero = None
+        deepspeed = self.accelerator.distributed_type.name == "DEEPSPEED"
+        if deepspeed:
+            from sdtrain.engine.zero import configure_zero
+
+            configure_zero(
+                self.accelerator.state.deepspeed_plugin,
+                training.train_batch_size,
+                self.steps.gradient_accumulation_steps,
+                self.processes.count,
+                training.max_grad_norm,
+            )
+        elif self.processes.count > 1:
             ignore_frozen(forward)
-        # DDP with several processes, autocast with mixed precision, the fp16 scaler
+        # DDP with several processes (or DeepSpeed's engine), autocast with mixed precision,
+        # the fp16 scaler
         self.forward, self.stepper = self.accelerator.prepare(forward, self.optimizer)
+        if deepspeed:
+            from sdtrain.engine.zero import ZeroTraining
+
+            self.zero = ZeroTraining(self.forward)
         if self.resume is None:  # a resumed run loads its state into place
             from sdtrain.engine.optim_state import prime_state
 
@@ -207,7 +224,10 @@ class Trainer:
             return Counters(seed=self.seed, num_processes=self.processes.count)
         state = self.resume
         self.method.load_trainable_state(state.trainable)
-        self.optimizer.load_state_dict(state.optimizer)
+        if self.zero is not None:  # this process's slices, and fp32 masters from the weights
+            self.zero.load_optimizer_state(self.optimizer, state.optimizer)
+        else:
+            self.optimizer.load_state_dict(state.optimizer)
         self.scheduler.load_state_dict(state.scheduler)
         if self.scaler is not None and state.scaler is not None:
             self.scaler.load_state_dict(state.scaler)
@@ -224,10 +244,16 @@ class Trainer:
 
     # ----------------------------------------------------------------- saving
     def _state_parts(self, counters: Counters, scheduler_state: dict | None = None) -> StateParts:
+        """What a state holds (under DeepSpeed a collective: every process calls it)."""
+        optimizer = (
+            self.zero.optimizer_state(self.optimizer)
+            if self.zero is not None
+            else self.optimizer.state_dict()
+        )
         return StateParts(
             counters=counters,
             trainable=self.method.trainable_state(),
-            optimizer=self.optimizer.state_dict(),
+            optimizer=optimizer,
             scheduler=scheduler_state or self.scheduler.state_dict(),
             scaler=self.scaler.state_dict() if self.scaler else None,
             config=self.run_config,
@@ -239,6 +265,7 @@ class Trainer:
         # epoch it ends in. (Passing the in-progress counter made epoch saves say one too many.)
         ended_mid_epoch = final and counters.position > 0
         epoch_done = counters.epoch if ended_mid_epoch else counters.epoch - 1
+        parts = self._parts_here(lambda: self._state_parts(counters)) if with_state else None
         # every process switches to eval weights and back (schedule-free optimizers move the
         # parameters), so all keep identical parameters; only the main process writes
         with self._eval_mode():
@@ -251,14 +278,19 @@ class Trainer:
                 point = SavePoint(
                     self.output_dir, stem, epoch_done, counters.global_step, final, metadata
                 )
-                self.saves.ensure_space(stem, self.params, self.optimizer if with_state else None)
+                self.saves.ensure_space(stem, self.params, parts.optimizer if parts else None)
                 self.outputs.extend(self.method.export(self.bundle, point))
-        if with_state and self.processes.is_main:
-            folder = save_state(
-                self.output_dir / naming.state_dir_name(stem), self._state_parts(counters)
-            )
+        if parts is not None and self.processes.is_main:
+            folder = save_state(self.output_dir / naming.state_dir_name(stem), parts)
             logger.info("state saved: %s", folder)
         self.processes.wait()
+
+    def _parts_here(self, parts: Callable[[], StateParts]) -> StateParts | None:
+        """The state's parts where they are needed: on the main process, which writes them,
+        and under DeepSpeed on every process (gathering the optimizer state is collective)."""
+        if self.processes.is_main or self.zero is not None:
+            return parts()
+        return None
 
     def _sample(self, kind: str, epoch: int, step: int) -> None:
         """The sampling hook on the main process; the others wait for it."""
@@ -365,8 +397,9 @@ class Trainer:
                             loss = self.ctx_loss(batch, generators, info)
                             value, finite, stop_agreed = self._agree(loss, batch, stop)
                             window_paths.extend(batch.paths)
+                            if finite or self.zero is not None:
+                                self._backward(loss, batch.loss_weight, accumulation, ends, finite)
                             if finite:
-                                self._backward(loss, batch.loss_weight, accumulation)
                                 window_losses.append(value)
                             else:
                                 window_bad = True
@@ -377,7 +410,7 @@ class Trainer:
                         counters_before = Counters(
                             **{**counters.__dict__, "position": counters.position}
                         )
-                        outcome = "bad" if window_bad else self._optimizer_step()
+                        outcome = self._window_outcome(window_bad)
                         self.optimizer.zero_grad(set_to_none=True)
                         self.scheduler.step()
                         counters.global_step += 1
@@ -513,8 +546,8 @@ class Trainer:
         window's last backward (nothing to do on one process)."""
         import contextlib
 
-        if ends_window or self.processes.count == 1:
-            return contextlib.nullcontext()
+        if ends_window or self.processes.count == 1 or self.zero is not None:
+            return contextlib.nullcontext()  # DeepSpeed: the accumulation boundary instead
         return self.accelerator.no_sync(self.forward)
 
     def _agree(self, loss: Any, batch: Batch, stop: Any) -> tuple[float, bool, bool]:
@@ -554,16 +587,32 @@ class Trainer:
         """The image paths of a step over all processes (only asked for on bad steps)."""
         if self.processes.count == 1:
             return paths
-        from accelerate.utils import gather_object
+        import torch.distributed as dist
 
-        return [p for part in gather_object([paths]) for p in part]
+        parts: list[Any] = [None] * self.processes.count
+        dist.all_gather_object(parts, paths)
+        return [p for part in parts for p in part]
 
-    def _backward(self, loss: Any, weight: float, accumulation: int) -> None:
+    def _backward(
+        self, loss: Any, weight: float, accumulation: int, ends: bool, finite: bool
+    ) -> None:
         """Backward of this process's share: loss x weight / accumulation (the fp16 scaler and
-        DeepSpeed-free distribution through accelerate)."""
+        DDP through accelerate; under DeepSpeed its engine, which also sees the non-finite
+        micro-batches, so that it skips their window's update)."""
         if weight != 1.0:
             loss = loss * weight
+        if self.zero is not None:
+            self.zero.backward(loss / accumulation, ends, finite)
+            return
         self.accelerator.backward(loss / accumulation)
+
+    def _window_outcome(self, bad: bool) -> str:
+        """The optimizer step at a window's end ("ok" / "scaler_skip" / "bad"); a window with a
+        non-finite loss is "bad" without a step (DeepSpeed skips it itself)."""
+        if self.zero is not None:
+            applied = self.zero.step()
+            return "ok" if applied and not bad else "bad"
+        return "bad" if bad else self._optimizer_step()
 
     def _optimizer_step(self) -> str:
         """Clip, check gradients, step: "ok"; "scaler_skip" when fp16 gradients overflowed at
@@ -658,8 +707,9 @@ class Trainer:
     def _write_state(self, stem: str, parts: Callable[[], StateParts]) -> Path:
         """A state written by the main process (the others wait); its folder."""
         folder = self.output_dir / naming.state_dir_name(stem)
-        if self.processes.is_main:
-            save_state(folder, parts())
+        here = self._parts_here(parts)
+        if here is not None and self.processes.is_main:
+            save_state(folder, here)
         self.processes.wait()
         return folder
 

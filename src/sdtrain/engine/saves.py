@@ -50,11 +50,11 @@ class SavePolicy:
         every = self.epoch_every()
         return bool(every) and epoch % every == 0 and epoch < self.num_epochs
 
-    def ensure_space(self, stem: str, params: list[Any], optimizer: Any | None) -> None:
+    def ensure_space(self, stem: str, params: list[Any], optimizer: dict | None) -> None:
         """DiskFullError unless the output folder has room for save `stem` (its exported
-        weights, plus a state when `optimizer` is given), with a margin."""
+        weights, plus a state when the optimizer's state dict is given), with a margin."""
         weights = sum(p.numel() * p.element_size() for p in params)
-        needed = weights + (weights + _tensor_bytes(optimizer.state_dict()) if optimizer else 0)
+        needed = weights + (weights + _tensor_bytes(optimizer) if optimizer is not None else 0)
         ensure_free_space(self.output_dir, int(needed * 1.05) + (1 << 20), f"save {stem}")
 
     @property

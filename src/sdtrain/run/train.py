@@ -89,6 +89,7 @@ def prepare(loaded: LoadedConfig, command: str, write_caches: bool = False) -> P
                 for p in err.problems
             ]
         ) from None
+    _check_zero(loaded, command)
     with verifying_pixels():  # decode every image once: broken pixel data is found here
         plan = plan_for_run(loaded, write_caches=write_caches and main)  # cache_info size caches
     from sdtrain.run.checks import check_before_load
@@ -165,6 +166,28 @@ def _fill_class_images(prepared: Prepared, bundle: ModelBundle, processes: Proce
         prepared.state_config["data"] = data_fingerprint(
             prepared.plan.datasets, steps.batches_per_epoch
         )
+
+
+def _check_zero(loaded: LoadedConfig, command: str) -> None:
+    """Under DeepSpeed (from the accelerate config): ConfigError, each problem at its key's
+    file and line, for settings ZeRO cannot train with (engine/zero.py)."""
+    from sdtrain.engine.zero import check_zero_settings, zero_requested
+    from sdtrain.run.full_checks import located
+
+    if not zero_requested():
+        return
+    cfg = loaded.config
+    stop = getattr(getattr(cfg, command, None), "stop_text_encoder_training", None)
+    try:
+        check_zero_settings(
+            command, cfg.optimizer, cfg.training, stop if stop is not None and stop >= 0 else None
+        )
+    except ConfigError as err:
+        problems = []
+        for p in err.problems:
+            table, _, key = p.key.partition(".")
+            problems.append(located(loaded, table, key, p.message, p.hint) if key else p)
+        raise ConfigError(problems) from None
 
 
 def _check_process_count(folder: Path, processes: int) -> None:
