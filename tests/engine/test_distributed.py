@@ -110,6 +110,7 @@ def test_ctrl_c_in_a_two_process_run_writes_one_state_and_resume_is_exact(
     stopped = load_counters(state).global_step
     assert 1 <= stopped < STEPS
     assert f"stopped after step {stopped}; state written to {state}" in text
+    assert text.count("stopped after step") == 1  # shown by the main process only
     assert "aborted at once" not in text  # the forwarded copy of the signal counted once
     assert [r["step"] for r in metrics(out)] == list(range(1, stopped + 1))
     assert not [p for p in out.iterdir() if p.name.startswith(".") and p.name != ".sdtrain.lock"]

@@ -61,6 +61,8 @@ save_state_on_train_end = true
 [dreambooth]
 learning_rate_te = 1e-3
 save_model_as = "safetensors"
+ema_decay = 0.9
+ema_save = "beside"
 """
 
 EXAMPLE = HERE.parents[1] / "configs" / "examples" / "accelerate-deepspeed-zero2.yaml"
@@ -220,6 +222,8 @@ def test_zero2_trains_what_one_process_does_and_resumes_exactly(tmp_path):
     # exact resume
     a, b = load_file(str(zero / "t.safetensors")), load_file(str(resumed / "t.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ema, ema_resumed = (load_file(str(d / "t-ema.safetensors")) for d in (zero, resumed))
+    assert all(torch.equal(ema[k], ema_resumed[k]) for k in ema)  # EMA weights, ZeRO-trained
     from sdtrain.engine.state import load_counters, load_state
 
     x, y = load_state(zero / "t-state"), load_state(resumed / "t-state")

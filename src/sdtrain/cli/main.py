@@ -80,6 +80,11 @@ def run() -> None:
         app()
     except SdtrainError as error:
         from sdtrain.cli.render import render_error
+        from sdtrain.errors import ConfigError, Interrupted, UsageError
+        from sdtrain.launch import is_main_process
 
-        render_error(error)
+        # every process of a launched run raises the same config error or agreed stop: the
+        # main process shows it once; errors of one process alone are shown by that process
+        if is_main_process() or not isinstance(error, (ConfigError, UsageError, Interrupted)):
+            render_error(error)
         sys.exit(error.exit_code)
