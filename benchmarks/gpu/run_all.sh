@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The one prepared GPU run (issue 16): gpu-marked tests, LoRA levers, DreamBooth memory levers.
 #
-# Run from the repository root on the GPU machine, with the wheels carried in .whl/:
+# Run from the repository root on the GPU machine, with the wheels carried in .whl/ (add
+# deepspeed, hjson, ninja, py-cpuinfo, msgpack and einops for the ZeRO-2 gpu test; it skips
+# without them):
 #   bash benchmarks/gpu/run_all.sh            (writes JSON + logs to $OUT, default /tmp/sdtrain-gpu)
 #   DRY=1 bash benchmarks/gpu/run_all.sh      (CPU check of the script itself: tiny model)
 # Every part has its own timeout and the whole run stops starting new parts after BUDGET seconds
