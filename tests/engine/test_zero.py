@@ -162,11 +162,16 @@ def test_element_wise_optimizers_are_accepted(name):
             "deepspeed_config.offload_optimizer",
         ),
         ({"stage": 2, "offload_param": {"device": "nvme"}}, "deepspeed_config.offload_param"),
+        ({"stage": 2, "bf16": {"enabled": True}}, "deepspeed_config.bf16"),
+        ({"stage": 2, "fp16": {"enabled": "true"}}, "deepspeed_config.fp16"),
+        ({"stage": 2, "optimizer": {"type": "Adam"}}, "deepspeed_config.optimizer"),
+        ({"stage": 2, "scheduler": {"type": "WarmupLR"}}, "deepspeed_config.scheduler"),
     ],
 )
 def test_deepspeed_configs_zero_cannot_train_are_refused(zero, key):
+    top = {k: zero.pop(k) for k in ("bf16", "fp16", "optimizer", "scheduler") if k in zero}
     with pytest.raises(ConfigError) as info:
-        check_zero_plugin({"zero_optimization": zero})
+        check_zero_plugin({"zero_optimization": zero, **top})
     assert info.value.problems[0].key.startswith(key)
     check_zero_plugin({"zero_optimization": {"stage": 1}})
     check_zero_plugin({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "none"}}})

@@ -161,6 +161,26 @@ def check_zero_plugin(config: dict[str, Any]) -> None:
                     hint=f"set {part}_device to none in the accelerate config",
                 )
             )
+    for precision in ("bf16", "fp16"):
+        if str((config.get(precision) or {}).get("enabled", False)).lower() == "true":
+            problems.append(
+                Problem(
+                    key=f"deepspeed_config.{precision}.enabled",
+                    message=f"DeepSpeed's {precision} mode keeps the model itself in half "
+                    "precision; sdtrain trains under DeepSpeed in fp32",
+                    hint=f"set {precision}.enabled to false in the DeepSpeed config",
+                )
+            )
+    for part in ("optimizer", "scheduler"):
+        if part in config:
+            problems.append(
+                Problem(
+                    key=f"deepspeed_config.{part}",
+                    message=f"the DeepSpeed config's {part} section would replace the one "
+                    "sdtrain builds from [optimizer]",
+                    hint=f"remove the {part} section and set it in the run TOML's [optimizer]",
+                )
+            )
     if problems:
         raise ConfigError(problems)
 
