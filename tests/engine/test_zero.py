@@ -139,11 +139,16 @@ def _settings(**training):
         ("dreambooth", {}, {"mixed_precision": "bf16"}, None, "training.mixed_precision"),
         ("dreambooth", {"fused_backward_pass": True}, {}, None, "optimizer.fused_backward_pass"),
         ("dreambooth", {}, {}, 2, "dreambooth.stop_text_encoder_training"),
+        ("dreambooth", {}, {}, "clip2", "model.clip_skip"),
     ],
 )
 def test_settings_zero_cannot_train_are_refused_by_key(method, optimizer, training, stop, key):
+    clip = 2 if stop == "clip2" else None
+    stop = None if stop == "clip2" else stop
     with pytest.raises(ConfigError) as info:
-        check_zero_settings(method, OptimizerSection(**optimizer), _settings(**training), stop)
+        check_zero_settings(
+            method, OptimizerSection(**optimizer), _settings(**training), stop, clip
+        )
     assert [p.key for p in info.value.problems] == [key]
 
 
@@ -162,6 +167,7 @@ def test_element_wise_optimizers_are_accepted(name):
             "deepspeed_config.offload_optimizer",
         ),
         ({"stage": 2, "offload_param": {"device": "nvme"}}, "deepspeed_config.offload_param"),
+        ({"stage": 2, "cpu_offload": True}, "deepspeed_config.offload_optimizer"),
         ({"stage": 2, "bf16": {"enabled": True}}, "deepspeed_config.bf16"),
         ({"stage": 2, "fp16": {"enabled": "true"}}, "deepspeed_config.fp16"),
         ({"stage": 2, "optimizer": {"type": "Adam"}}, "deepspeed_config.optimizer"),
@@ -191,6 +197,14 @@ def test_a_refusal_points_at_the_line_and_exits_2(tmp_path):
     line = text.splitlines().index("stop_text_encoder_training = 2") + 1
     assert "dreambooth.stop_text_encoder_training" in done.stderr
     assert f"run.toml:{line}" in done.stderr, done.stderr
+    stage3 = _sdtrain(
+        ["train", "dreambooth", "run.toml", "--dry-run", "--stop_text_encoder_training", "-1"],
+        tmp_path,
+        ACCELERATE_USE_DEEPSPEED="true",
+        ACCELERATE_DEEPSPEED_ZERO_STAGE="3",
+    )
+    assert stage3.returncode == 2, stage3.stdout + stage3.stderr  # before any weight loads
+    assert "deepspeed_config.zero_stage" in stage3.stderr and "stage 3" in stage3.stderr
     (tmp_path / "lora.toml").write_text(text.split("[dreambooth]")[0])
     lora = _sdtrain(
         ["train", "lora", "lora.toml", "--dry-run"], tmp_path, ACCELERATE_USE_DEEPSPEED="true"

@@ -80,11 +80,12 @@ def run() -> None:
         app()
     except SdtrainError as error:
         from sdtrain.cli.render import render_error
-        from sdtrain.errors import ConfigError, Interrupted, UsageError
+        from sdtrain.errors import Interrupted
         from sdtrain.launch import is_main_process
 
-        # every process of a launched run raises the same config error or agreed stop: the
-        # main process shows it once; errors of one process alone are shown by that process
-        if is_main_process() or not isinstance(error, (ConfigError, UsageError, Interrupted)):
+        # a stop is agreed by every process of a launched run: the main process shows it once;
+        # any other error may be one process's alone (a file missing on one machine), so each
+        # process shows its own
+        if is_main_process() or not isinstance(error, Interrupted):
             render_error(error)
         sys.exit(error.exit_code)

@@ -243,13 +243,21 @@ class Trainer:
         return state.counters
 
     # ----------------------------------------------------------------- saving
-    def _state_parts(self, counters: Counters, scheduler_state: dict | None = None) -> StateParts:
-        """What a state holds (under DeepSpeed a collective: every process calls it)."""
-        optimizer = (
-            self.zero.optimizer_state(self.optimizer)
-            if self.zero is not None
-            else self.optimizer.state_dict()
-        )
+    def _optimizer_state(self) -> dict:
+        """The optimizer's state dict (under DeepSpeed gathered: every process calls it)."""
+        if self.zero is not None:
+            return self.zero.optimizer_state(self.optimizer)
+        return self.optimizer.state_dict()
+
+    def _state_parts(
+        self,
+        counters: Counters,
+        scheduler_state: dict | None = None,
+        optimizer_state: dict | None = None,
+    ) -> StateParts:
+        """What a state holds (under DeepSpeed a collective: every process calls it, unless
+        `optimizer_state` was gathered already)."""
+        optimizer = optimizer_state if optimizer_state is not None else self._optimizer_state()
         return StateParts(
             counters=counters,
             trainable=self.method.trainable_state(),
@@ -265,7 +273,14 @@ class Trainer:
         # epoch it ends in. (Passing the in-progress counter made epoch saves say one too many.)
         ended_mid_epoch = final and counters.position > 0
         epoch_done = counters.epoch if ended_mid_epoch else counters.epoch - 1
-        parts = self._parts_here(lambda: self._state_parts(counters)) if with_state else None
+        # the optimizer part first: under DeepSpeed its gathering is collective, and the space
+        # check needs its size (schedule-free optimizers, whose eval switch below moves the
+        # weights, are refused under DeepSpeed)
+        gathered = (
+            self._optimizer_state()
+            if with_state and (self.processes.is_main or self.zero is not None)
+            else None
+        )
         # every process switches to eval weights and back (schedule-free optimizers move the
         # parameters), so all keep identical parameters; only the main process writes
         with self._eval_mode():
@@ -278,9 +293,11 @@ class Trainer:
                 point = SavePoint(
                     self.output_dir, stem, epoch_done, counters.global_step, final, metadata
                 )
-                self.saves.ensure_space(stem, self.params, parts.optimizer if parts else None)
+                self.saves.ensure_space(stem, self.params, gathered)
                 self.outputs.extend(self.method.export(self.bundle, point))
-        if parts is not None and self.processes.is_main:
+        if gathered is not None and self.processes.is_main:
+            # the weights after the eval round trip, which the run goes on with
+            parts = self._state_parts(counters, optimizer_state=gathered)
             folder = save_state(self.output_dir / naming.state_dir_name(stem), parts)
             logger.info("state saved: %s", folder)
         self.processes.wait()
@@ -692,10 +709,19 @@ class Trainer:
             except StopIteration:
                 return
             except DataError as error:
-                stem = naming.step_stem(self.output_name, counters.global_step)
-                folder = self._write_state(stem, lambda: self._state_parts(counters))
                 lines = [line for line in error.message.splitlines() if line.strip()]
                 reason = lines[-1] if "Traceback" in error.message else error.message
+                if self.processes.count > 1:
+                    # only this process met the image; the others are inside a collective, so
+                    # no state can be written together (the launcher stops them all)
+                    raise DataError(
+                        f"{reason}\ntraining stopped after step {counters.global_step} on "
+                        f"process {self.processes.index}; no state was written at this step",
+                        hint="fix or remove the image, then resume from the newest saved state: "
+                        f"{self.resume_hint} --resume auto".strip(),
+                    ) from None
+                stem = naming.step_stem(self.output_name, counters.global_step)
+                folder = self._write_state(stem, lambda: self._state_parts(counters))
                 raise DataError(
                     f"{reason}\ntraining stopped after step {counters.global_step}; "
                     f"state written to {folder}",

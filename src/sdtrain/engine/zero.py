@@ -78,9 +78,11 @@ def check_zero_settings(
     optimizer: OptimizerSection,
     training: TrainingSection,
     stop_text_encoder_training: int | None,
+    clip_skip_unused: int | None = None,
 ) -> None:
     """ConfigError (exit 2), every problem by key, when these settings cannot train under
-    DeepSpeed ZeRO (see the module). Call only when `zero_requested()`."""
+    DeepSpeed ZeRO (see the module). Call only when `zero_requested()`. `clip_skip_unused`: the
+    clip_skip of a run that trains the text encoder (its last layers then get no gradient)."""
     problems: list[Problem] = []
 
     def refuse(key: str, message: str, hint: str) -> None:
@@ -129,15 +131,52 @@ def check_zero_settings(
             "moving with its optimizer momentum",
             "train the text encoder for the whole run or not at all, " + _HINT_DDP,
         )
+    if clip_skip_unused is not None and clip_skip_unused > 1:
+        refuse(
+            "model.clip_skip",
+            f"with clip_skip = {clip_skip_unused} the text encoder's last layers get no gradient; "
+            "ZeRO gives them zero gradients instead and weight decay would still move them",
+            "train the text encoder without clip_skip, freeze it, " + _HINT_DDP,
+        )
     if problems:
         raise ConfigError(problems)
+
+
+def plugin_config_from_env() -> dict[str, Any]:
+    """The DeepSpeed config `accelerate launch` passes in its environment (the config file it
+    names, or the accelerate config's zero_stage and offload devices), before any model loads."""
+    import json
+    from pathlib import Path
+
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if path:
+        try:
+            return dict(json.loads(Path(path).read_text(encoding="utf-8")))
+        except (OSError, ValueError) as error:
+            raise ConfigError(
+                [Problem(key="deepspeed_config_file", message=f"cannot read {path}: {error}")]
+            ) from None
+    env = os.environ.get
+    return {
+        "zero_optimization": {
+            "stage": int(env("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2") or 2),
+            "offload_optimizer": {
+                "device": env("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none")
+            },
+            "offload_param": {"device": env("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "none")},
+        }
+    }
 
 
 def check_zero_plugin(config: dict[str, Any]) -> None:
     """ConfigError for DeepSpeed config values sdtrain does not support (stage, offload)."""
     zero = config.get("zero_optimization", {}) or {}
+    if not isinstance(zero, dict):  # the legacy `"zero_optimization": true` (stage 1)
+        zero = {"stage": 1 if zero else 0}
     stage = int(zero.get("stage", 0) or 0)
     problems = []
+    if zero.get("cpu_offload"):  # the deprecated spelling of offload_optimizer: cpu
+        zero = {**zero, "offload_optimizer": {"device": "cpu"}}
     if stage not in (1, 2):
         problems.append(
             Problem(
@@ -211,6 +250,12 @@ class ZeroTraining:
             raise TrainingError(
                 "DeepSpeed's compute_grad_norm is off, so non-finite gradients would be applied",
                 hint="remove compute_grad_norm from the DeepSpeed config",
+            )
+        if getattr(self.zero, "cpu_offload", False):
+            raise TrainingError(
+                "DeepSpeed offloads the optimizer, which has not been verified with sdtrain",
+                hint="remove the offload settings (cpu_offload, offload_optimizer) from the "
+                "DeepSpeed config",
             )
         if getattr(self.zero, "round_robin_gradients", False):
             raise TrainingError(

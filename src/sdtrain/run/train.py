@@ -171,22 +171,35 @@ def _fill_class_images(prepared: Prepared, bundle: ModelBundle, processes: Proce
 def _check_zero(loaded: LoadedConfig, command: str) -> None:
     """Under DeepSpeed (from the accelerate config): ConfigError, each problem at its key's
     file and line, for settings ZeRO cannot train with (engine/zero.py)."""
-    from sdtrain.engine.zero import check_zero_settings, zero_requested
+    from sdtrain.engine.zero import (
+        check_zero_plugin,
+        check_zero_settings,
+        plugin_config_from_env,
+        zero_requested,
+    )
     from sdtrain.run.full_checks import located
 
     if not zero_requested():
         return
     cfg = loaded.config
-    stop = getattr(getattr(cfg, command, None), "stop_text_encoder_training", None)
+    section = getattr(cfg, command, None)
+    stop = getattr(section, "stop_text_encoder_training", None)
+    trains_te = bool(getattr(section, "train_text_encoder", False))
     try:
         check_zero_settings(
-            command, cfg.optimizer, cfg.training, stop if stop is not None and stop >= 0 else None
+            command,
+            cfg.optimizer,
+            cfg.training,
+            stop if stop is not None and stop >= 0 else None,
+            cfg.model.clip_skip if trains_te else None,
         )
+        check_zero_plugin(plugin_config_from_env())
     except ConfigError as err:
         problems = []
         for p in err.problems:
             table, _, key = p.key.partition(".")
-            problems.append(located(loaded, table, key, p.message, p.hint) if key else p)
+            in_run = key and getattr(cfg, table, None) is not None  # not accelerate's keys
+            problems.append(located(loaded, table, key, p.message, p.hint) if in_run else p)
         raise ConfigError(problems) from None
 
 
