@@ -251,3 +251,28 @@ def test_two_machines_train_what_one_machine_does(tmp_path, run_data, two_straig
     ta, tb = lora_file(out / "t.safetensors")[0], lora_file(two_straight / "t.safetensors")[0]
     assert set(ta) == set(tb) and all(torch.equal(ta[k], tb[k]) for k in ta)
     assert len(metrics(out)) == STEPS
+
+
+def test_clip_skip_trains_on_two_processes(cli, tmp_path, run_data):
+    """clip_skip = 2 leaves the text encoder's last layer (and its LoRA) without a gradient;
+    DDP is told (find_unused_parameters), so 2 processes train what 1 process does with the
+    global batch (it stopped at the second step before)."""
+    two, one = tmp_path / "two", tmp_path / "one"
+    model = {"training": {"max_train_steps": 3}, "network": NO_DROPOUT}
+    config = write_config(tmp_path / "two.toml", run_data, two, **model)
+    text = config.read_text().replace("[model]\n", "[model]\nclip_skip = 2\n")
+    config.write_text(text)
+    run(two_process_args(config), tmp_path / "log.txt")
+    config = write_config(
+        tmp_path / "one.toml",
+        run_data,
+        one,
+        training={"max_train_steps": 3, "train_batch_size": 2},
+        network=NO_DROPOUT,
+    )
+    config.write_text(config.read_text().replace("[model]\n", "[model]\nclip_skip = 2\n"))
+    train(cli, config)
+    ta, tb = lora_file(one / "t.safetensors")[0], lora_file(two / "t.safetensors")[0]
+    assert set(ta) == set(tb)
+    assert max(float((ta[k].float() - tb[k].float()).abs().max()) for k in ta) < TOLERANCE
+    assert len(metrics(two)) == 3

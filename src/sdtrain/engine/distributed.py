@@ -39,9 +39,11 @@ _WHY = {
 }
 
 
-def make_accelerator(mixed_precision: str) -> Any:
+def make_accelerator(mixed_precision: str, unused_parameters: bool = False) -> Any:
     """An `Accelerator` for this process, from the launcher's environment and accelerate's
     config; `mixed_precision` comes from [training] (it wins over the launcher's flag).
+    `unused_parameters`: some trained parameters get no gradient in a step (the text encoder's
+    last layers with clip_skip > 1), which DDP must be told, or it stops at the second step.
 
     Raises TrainingError for distributed modes sdtrain does not support, naming the mode.
     """
@@ -69,7 +71,11 @@ def make_accelerator(mixed_precision: str) -> Any:
         cpu=not torch.cuda.is_available() and not zero_requested(),
         gradient_accumulation_steps=1,
         # frozen buffers are identical everywhere: no broadcast before every forward
-        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+        kwargs_handlers=[
+            DistributedDataParallelKwargs(
+                broadcast_buffers=False, find_unused_parameters=unused_parameters
+            )
+        ],
     )
     kind = accelerator.distributed_type.name
     if kind not in _SUPPORTED:

@@ -382,7 +382,8 @@ def _execute(prepared: Prepared, resume_hint: str) -> TrainResult:
     method = METHODS[prepared.command].build(cfg, prepared.plan)
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     precision = precision_for(cfg.training, cfg.model.no_half_vae, device_type)
-    accelerator = make_accelerator(cfg.training.mixed_precision)
+    # clip_skip > 1: the text encoder's last layers (and their LoRA) get no gradient
+    accelerator = make_accelerator(cfg.training.mixed_precision, (cfg.model.clip_skip or 1) > 1)
     processes = Processes(accelerator)
     if processes.count != prepared.plan.facts.num_processes:
         raise TrainingError(
