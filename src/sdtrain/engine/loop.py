@@ -302,13 +302,6 @@ class Trainer:
             logger.info("state saved: %s", folder)
         self.processes.wait()
 
-    def _parts_here(self, parts: Callable[[], StateParts]) -> StateParts | None:
-        """The state's parts where they are needed: on the main process, which writes them,
-        and under DeepSpeed on every process (gathering the optimizer state is collective)."""
-        if self.processes.is_main or self.zero is not None:
-            return parts()
-        return None
-
     def _sample(self, kind: str, epoch: int, step: int) -> None:
         """The sampling hook on the main process; the others wait for it."""
         if self.hooks.sample is None:
@@ -733,9 +726,12 @@ class Trainer:
     def _write_state(self, stem: str, parts: Callable[[], StateParts]) -> Path:
         """A state written by the main process (the others wait); its folder."""
         folder = self.output_dir / naming.state_dir_name(stem)
-        here = self._parts_here(parts)
-        if here is not None and self.processes.is_main:
-            save_state(folder, here)
+        # the parts on the main process, which writes them, and under DeepSpeed on every process
+        # (gathering the optimizer state is collective)
+        if self.processes.is_main or self.zero is not None:
+            here = parts()
+            if self.processes.is_main:
+                save_state(folder, here)
         self.processes.wait()
         return folder
 

@@ -30,8 +30,10 @@ which exports and states do not read), optimizers whose update is not element by
 estimate one step size from every gradient: ZeRO hands each process one flat slice of each group,
 which would change their arithmetic), fused_backward_pass (DeepSpeed owns the update),
 stop_text_encoder_training (ZeRO updates whole flattened groups, so a frozen text encoder would
-keep moving with its momentum) and the adapter methods (LoRA, TI: their optimizer state is small;
-train them data-parallel).
+keep moving with its momentum), clip_skip > 1 with the text encoder trained (its last layers get
+zero gradients, and weight decay would move them), a DeepSpeed config's own optimizer/scheduler
+sections, and the adapter methods (LoRA, TI: their optimizer state is small; train them
+data-parallel).
 """
 
 from __future__ import annotations
@@ -169,7 +171,8 @@ def plugin_config_from_env() -> dict[str, Any]:
 
 
 def check_zero_plugin(config: dict[str, Any]) -> None:
-    """ConfigError for DeepSpeed config values sdtrain does not support (stage, offload)."""
+    """ConfigError for DeepSpeed config values sdtrain does not support: the stage, offload,
+    bf16/fp16 modes, and optimizer/scheduler sections of its own."""
     zero = config.get("zero_optimization", {}) or {}
     if not isinstance(zero, dict):  # the legacy `"zero_optimization": true` (stage 1)
         zero = {"stage": 1 if zero else 0}

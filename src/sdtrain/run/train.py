@@ -72,7 +72,7 @@ def prepare(loaded: LoadedConfig, command: str, write_caches: bool = False) -> P
     from sdtrain.engine.fused_backward import check_fused_backward
     from sdtrain.engine.resume import check_resume_config, data_fingerprint, resolve_resume
     from sdtrain.launch import is_main_process
-    from sdtrain.run.full_checks import check_full_model_run, located
+    from sdtrain.run.full_checks import check_full_model_run
     from sdtrain.run.lock import check_run_folder_free
 
     _require(loaded)
@@ -83,12 +83,7 @@ def prepare(loaded: LoadedConfig, command: str, write_caches: bool = False) -> P
     try:
         check_fused_backward(cfg.optimizer, cfg.training)
     except ConfigError as err:  # point at the line that switched it on
-        raise ConfigError(
-            [
-                located(loaded, "optimizer", "fused_backward_pass", p.message, p.hint)
-                for p in err.problems
-            ]
-        ) from None
+        raise _at_lines(loaded, err) from None
     _check_zero(loaded, command)
     with verifying_pixels():  # decode every image once: broken pixel data is found here
         plan = plan_for_run(loaded, write_caches=write_caches and main)  # cache_info size caches
@@ -177,7 +172,6 @@ def _check_zero(loaded: LoadedConfig, command: str) -> None:
         plugin_config_from_env,
         zero_requested,
     )
-    from sdtrain.run.full_checks import located
 
     if not zero_requested():
         return
@@ -195,12 +189,20 @@ def _check_zero(loaded: LoadedConfig, command: str) -> None:
         )
         check_zero_plugin(plugin_config_from_env())
     except ConfigError as err:
-        problems = []
-        for p in err.problems:
-            table, _, key = p.key.partition(".")
-            in_run = key and getattr(cfg, table, None) is not None  # not accelerate's keys
-            problems.append(located(loaded, table, key, p.message, p.hint) if in_run else p)
-        raise ConfigError(problems) from None
+        raise _at_lines(loaded, err) from None
+
+
+def _at_lines(loaded: LoadedConfig, err: ConfigError) -> ConfigError:
+    """`err` with each problem keyed `table.key` of the run config located at its file and line
+    (problems about the accelerate/DeepSpeed config stay as they are)."""
+    from sdtrain.run.full_checks import located
+
+    problems = []
+    for p in err.problems:
+        table, _, key = p.key.partition(".")
+        in_run = key and getattr(loaded.config, table, None) is not None
+        problems.append(located(loaded, table, key, p.message, p.hint) if in_run else p)
+    return ConfigError(problems)
 
 
 def _check_process_count(folder: Path, processes: int) -> None:
