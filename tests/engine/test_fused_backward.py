@@ -115,6 +115,8 @@ PER_WEIGHT = [
     ("AdamW8bit", [], "bitsandbytes"),
     ("Lion8bit", [], "bitsandbytes"),
     ("Lion", [], "lion_pytorch"),
+    ("Adafactor", ["scale_parameter=False", "relative_step=False", "warmup_init=False"], "torch"),
+    ("Adafactor", ["weight_decay=0.01", "clip_threshold=0.5"], "torch"),  # relative step
 ]
 
 

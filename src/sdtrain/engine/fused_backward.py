@@ -5,6 +5,8 @@ trainable parameter. When autograd has written a parameter's gradient, the hook 
 parameter, to `max_grad_norm`), runs the optimizer's update for that one parameter and frees the
 gradient. So at most a few gradients exist at any time instead of one per parameter: for full
 SD1.5 (0.98 B parameters, 3.66 GiB of fp32 gradients) AdamW's peak falls 15.6 -> 12.5 GiB.
+transformers' Adafactor updates a factored weight inside its gradient (engine/adafactor_lean.py:
+the same numbers without the library's two extra weight-sized temporaries).
 
 Rules (checked before any weight loads, see `check_fused_backward`):
 - only optimizers whose update of one weight reads nothing but that weight's gradient, its own state
@@ -26,6 +28,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
+from sdtrain.engine.adafactor_lean import lean_adafactor_step
 from sdtrain.engine.optim_state import settle_state, state_snapshot
 from sdtrain.errors import ConfigError, Problem
 
@@ -130,15 +133,16 @@ class FusedBackward:
             return
         if self.max_grad_norm > 0 and float(norm) > self.max_grad_norm:
             grad.mul_(self.max_grad_norm / (float(norm) + 1e-6))
-        saved = self.optimizer.param_groups
-        # the optimizer's own step over a one-parameter view of the group: the state (keyed by
-        # the parameter) and the group's live hyper-parameters (LR from the scheduler) are used
-        self.optimizer.param_groups = [{**group, "params": [param]}]
         before = state_snapshot(self.optimizer, [param])
-        try:
-            self.optimizer.step()
-        finally:
-            self.optimizer.param_groups = saved
+        if not lean_adafactor_step(self.optimizer, param, group):
+            saved = self.optimizer.param_groups
+            # the optimizer's own step over a one-parameter view of the group: the state (keyed
+            # by the parameter) and the group's live hyper-parameters (LR from the scheduler)
+            self.optimizer.param_groups = [{**group, "params": [param]}]
+            try:
+                self.optimizer.step()
+            finally:
+                self.optimizer.param_groups = saved
         settle_state(self.optimizer, before)
         param.grad = None
         self.updates += 1
