@@ -7,6 +7,8 @@ Every case runs in a fresh subprocess (peak RSS is per process):
 * sdtrain-noreexec: the same with SDTRAIN_NO_REEXEC=1 (the allocator lever off), for A/B.
 * sdtrain-half: the same with SDTRAIN_FROZEN_HALF=1 (a half model file's frozen weights kept
   half and up-cast per layer instead of up-cast to fp32 at load), for A/B.
+* sdtrain-onednn: the same with SDTRAIN_CONV=onednn (every convolution through oneDNN, as torch
+  chooses, instead of im2col + GEMM for the U-Net's small maps: models/conv_path.py), for A/B.
 * baseline: benchmarks/baseline_child.py, the reference-equivalent loop (default allocator).
 * baseline-alloc: the baseline under the allocator environment sdtrain would choose.
 
@@ -138,6 +140,8 @@ def run_variant(variant: str, case: dict, work: Path, spec: str, steps: int, war
             env["SDTRAIN_NO_REEXEC"] = "1"
         if variant == "sdtrain-half":
             env["SDTRAIN_FROZEN_HALF"] = "1"
+        if variant == "sdtrain-onednn":
+            env["SDTRAIN_CONV"] = "onednn"
         if case.get("profile"):
             env["SDTRAIN_BENCH_PROFILE"] = f"{warmup},{steps - warmup}"
         out = Path(tempfile.mkdtemp(prefix="out-", dir=work))

@@ -2,7 +2,8 @@
 
 Usage: python benchmarks/train_child.py <sdtrain arguments...>
 Environment: SDTRAIN_BENCH_RESULT=<json path> (required); SDTRAIN_BENCH_PROFILE=<W>,<N> profiles
-N optimizer steps after W warm-up steps with torch.profiler and reports the engine's own share.
+N optimizer steps after W warm-up steps with torch.profiler and reports the engine's own share;
+SDTRAIN_BENCH_TOPOPS=<txt path> also writes the profiler's op table (top 40 by self CPU time).
 
 It calls `sdtrain.cli.main.run()` exactly as the console script does (so the allocator re-exec
 happens; the re-executed process runs this file again with the same arguments). The only
@@ -18,6 +19,7 @@ import os
 import resource
 import sys
 import time
+from pathlib import Path
 
 MODEL_WORK = ("unet.forward", "text_encoder.forward", "vae.encode", "backward", "optimizer.step")
 
@@ -180,6 +182,11 @@ def main() -> None:
 
             def ready(prof):
                 info["profile"] = _overhead(prof)
+                table = os.environ.get("SDTRAIN_BENCH_TOPOPS")  # optional: the op table too
+                if table:
+                    averages = prof.key_averages()
+                    rows = averages.table(sort_by="self_cpu_time_total", row_limit=40)
+                    Path(table).write_text(rows, encoding="utf-8")
 
             prof = torch.profiler.profile(
                 activities=[torch.profiler.ProfilerActivity.CPU],

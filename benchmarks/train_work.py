@@ -123,7 +123,11 @@ def model_spec(preset: str, cache: Path, file_dtype: str = "fp32") -> str:
 
 
 def load_models(spec: str):
-    """(unet, vae, text_encoder, tokenizer) of a benchmark model, fp32 on the CPU, eval mode."""
+    """(unet, vae, text_encoder, tokenizer) of a benchmark model, fp32 on the CPU, eval mode.
+
+    The convolutions keep torch's own kernel choice, as in the reference: sdtrain routes some
+    through im2col + GEMM (models/conv_path.py) only in its training runs.
+    """
     from sdtrain.config.sections import ModelSection
     from sdtrain.models.load import load_bundle
 

@@ -404,6 +404,9 @@ def _execute(prepared: Prepared, resume_hint: str) -> TrainResult:
         part_dtypes=_part_dtypes(method, precision),
     )
     _fill_class_images(prepared, bundle, processes)
+    from sdtrain.models.conv_path import use_gemm_convolutions
+
+    use_gemm_convolutions(bundle.unet)  # training only: generate keeps torch's kernels
     steps = prepared.plan.steps
     assert steps is not None
     text = resolved_toml(cfg)

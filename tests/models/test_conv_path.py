@@ -1,0 +1,113 @@
+"""im2col + GEMM convolutions for the U-Net's small fp32 CPU feature maps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from sdtrain.models import conv_path
+from sdtrain.models.conv_path import use_gemm_convolutions
+
+
+class _Ops(TorchDispatchMode):
+    """Names of the aten ops run inside the block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.__name__.split(".")[0])
+        return func(*args, **(kwargs or {}))
+
+
+def _gemm_used(module: torch.nn.Module, x: torch.Tensor) -> bool:
+    with _Ops() as ops:
+        module(x).sum().backward()
+    return "_slow_conv2d_forward" in ops.names and "_slow_conv2d_backward" in ops.names
+
+
+@pytest.mark.parametrize(
+    ("cin", "cout", "hw", "kernel", "stride"),
+    [(32, 16, 8, 3, 1), (16, 16, 16, 3, 1), (24, 8, 8, 1, 1), (16, 16, 32, 3, 2)],
+)
+def test_small_maps_take_the_gemm_path_with_the_same_results(cin, cout, hw, kernel, stride):
+    torch.manual_seed(0)
+    plain = torch.nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2)
+    gemm = torch.nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2)
+    gemm.load_state_dict(plain.state_dict())
+    assert use_gemm_convolutions(gemm) == 1
+    x = torch.randn(2, cin, hw, hw)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = plain(xa), gemm(xb)
+    torch.testing.assert_close(yb, ya, rtol=1e-5, atol=1e-5)
+    ya.square().sum().backward()
+    yb.square().sum().backward()
+    torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gemm.weight.grad, plain.weight.grad, rtol=1e-4, atol=1e-3)
+    assert _gemm_used(gemm, x.clone().requires_grad_())
+    assert not _gemm_used(plain, x.clone().requires_grad_())
+    assert gemm.state_dict().keys() == plain.state_dict().keys()
+
+
+def test_everything_else_keeps_torchs_choice(monkeypatch):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(8, 8, 3, padding=1)
+    use_gemm_convolutions(conv)
+    big = torch.randn(2, 8, 17, 16, requires_grad=True)  # 272 output positions > 256
+    assert not _gemm_used(conv, big)
+    small = torch.randn(2, 8, 8, 8, requires_grad=True)  # batch 2: torch itself picks oneDNN
+    with torch.autocast("cpu", dtype=torch.bfloat16), _Ops() as ops:
+        conv(small)
+    assert "_slow_conv2d_forward" not in ops.names
+    half = torch.nn.Conv2d(8, 8, 3, padding=1).to(torch.bfloat16)
+    use_gemm_convolutions(half)
+    assert not _gemm_used(half, small.detach().to(torch.bfloat16).requires_grad_())
+    # grouped, dilated, 'same'-padded and reflect-padded convolutions are never routed
+    others = torch.nn.Sequential(
+        torch.nn.Conv2d(8, 8, 3, padding=1, groups=2),
+        torch.nn.Conv2d(8, 8, 3, padding=2, dilation=2),
+        torch.nn.Conv2d(8, 8, 3, padding="same"),
+        torch.nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect"),
+    )
+    assert use_gemm_convolutions(others) == 0
+    monkeypatch.setenv(conv_path.OPT_OUT, "onednn")
+    fresh = torch.nn.Conv2d(8, 8, 3, padding=1)
+    assert use_gemm_convolutions(fresh) == 0
+    assert not _gemm_used(fresh, small)
+
+
+def test_training_routes_the_unet_and_generate_does_not(tmp_path):
+    """`train` patches the U-Net's convolutions (after any class-image generation); the
+    loader itself, used by `generate`, leaves torch's kernels alone."""
+    from sdtrain.config.sections import ModelSection
+    from sdtrain.models.load import load_bundle
+
+    bundle = load_bundle(ModelSection(pretrained_model_name_or_path="builtin:tiny-sd1"))
+    assert not any("_conv_forward" in vars(m) for m in bundle.unet.modules())
+    convs = [m for m in bundle.unet.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert use_gemm_convolutions(bundle.unet) == len(convs) > 0
+    torch.manual_seed(0)
+    latents = torch.randn(2, 4, 8, 8)  # batch 2: torch itself would pick oneDNN
+    context = torch.randn(2, 77, bundle.unet.config.cross_attention_dim)
+    with torch.no_grad():
+        with _Ops() as ops:
+            first = bundle.unet(latents, 10, context).sample
+        second = bundle.unet(latents, 10, context).sample
+    assert "_slow_conv2d_forward" in ops.names
+    assert torch.equal(first, second)
+    source = (Path(__file__).parents[2] / "src/sdtrain/run/train.py").read_text()
+    assert "use_gemm_convolutions(bundle.unet)" in source
+
+
+def test_a_one_by_one_map_with_a_trained_weight_keeps_torchs_choice():
+    """A 1x1 map is contiguous and channels-last at once; the GEMM path's weight gradient
+    would then be refused by torch ('grad_weight must be contiguous')."""
+    conv = torch.nn.Conv2d(8, 8, 3, padding=1)
+    use_gemm_convolutions(conv)
+    x = torch.randn(2, 8, 1, 1, requires_grad=True)
+    conv(x).sum().backward()
+    assert conv.weight.grad is not None
