@@ -85,6 +85,7 @@ def test_xti_file_reloads_to_the_same_predictions(trained) -> None:
     from safetensors import safe_open
 
     from sdtrain.config.sections import ModelSection
+    from sdtrain.models.conv_path import use_gemm_convolutions
     from sdtrain.models.load import load_bundle
 
     captured, out = trained
@@ -96,6 +97,7 @@ def test_xti_file_reloads_to_the_same_predictions(trained) -> None:
     trainer = captured.trainer
     want = xti_predictions(trainer.bundle, XTI.prompts)
     fresh = load_bundle(ModelSection(pretrained_model_name_or_path="builtin:tiny-sd1"))
+    use_gemm_convolutions(fresh.unet)  # the training's convolution kernels (conv_path.py)
     got = xti_predictions(_reload_xti([path], fresh), XTI.prompts)
     torch.testing.assert_close(got, want, atol=0, rtol=0)
     sites = xti_predictions(trainer.bundle, ["zqtok zqtok1"])

@@ -60,12 +60,14 @@ def test_everything_else_keeps_torchs_choice(monkeypatch):
     big = torch.randn(2, 8, 17, 16, requires_grad=True)  # 272 output positions > 256
     assert not _gemm_used(conv, big)
     small = torch.randn(2, 8, 8, 8, requires_grad=True)  # batch 2: torch itself picks oneDNN
-    with torch.autocast("cpu", dtype=torch.bfloat16), _Ops() as ops:
+    with torch.autocast("cpu", dtype=torch.float16), _Ops() as ops:
         conv(small)
     assert "_slow_conv2d_forward" not in ops.names
-    half = torch.nn.Conv2d(8, 8, 3, padding=1).to(torch.bfloat16)
-    use_gemm_convolutions(half)
-    assert not _gemm_used(half, small.detach().to(torch.bfloat16).requires_grad_())
+    fp16 = torch.nn.Conv2d(8, 8, 3, padding=1).to(torch.float16)
+    use_gemm_convolutions(fp16)
+    with _Ops() as ops:
+        fp16(small.detach().to(torch.float16))
+    assert "_slow_conv2d_forward" not in ops.names
     # grouped, dilated, 'same'-padded and reflect-padded convolutions are never routed
     others = torch.nn.Sequential(
         torch.nn.Conv2d(8, 8, 3, padding=1, groups=2),
@@ -111,3 +113,26 @@ def test_a_one_by_one_map_with_a_trained_weight_keeps_torchs_choice():
     x = torch.randn(2, 8, 1, 1, requires_grad=True)
     conv(x).sum().backward()
     assert conv.weight.grad is not None
+
+
+def test_bf16_autocast_and_bf16_weights_take_it_like_autocasts_conv2d():
+    """Under CPU bf16 autocast the routed convolution computes in bf16 from fp32 or bf16
+    weights, as autocast's conv2d does; a bf16 module with bf16 inputs too."""
+    torch.manual_seed(0)
+    plain = torch.nn.Conv2d(16, 16, 3, padding=1)
+    routed = torch.nn.Conv2d(16, 16, 3, padding=1)
+    routed.load_state_dict(plain.state_dict())
+    use_gemm_convolutions(routed)
+    x = torch.randn(2, 16, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = plain(x)
+        with _Ops() as ops:
+            got = routed(x)
+    assert "_slow_conv2d_forward" in ops.names
+    assert got.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
+    frozen = torch.nn.Conv2d(16, 16, 3, padding=1).to(torch.bfloat16).requires_grad_(False)
+    use_gemm_convolutions(frozen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _gemm_used(frozen, x.clone().requires_grad_())
+    assert _gemm_used(frozen, x.to(torch.bfloat16).requires_grad_())
