@@ -10,6 +10,7 @@ from typing import Any
 
 import contract
 import pytest
+import torch
 from contract import MethodCase
 
 from sdtrain.methods.registry import METHODS
@@ -143,6 +144,19 @@ def test_loss_is_finite(trained):
 def test_only_declared_parameters_change(trained):
     case, captured, _ = trained
     contract.check_only_declared_change(case, captured)
+
+
+def test_training_routes_the_unet_convolutions(trained):
+    """Every method trains with the base U-Net's convolutions routed (models/conv_path.py;
+    adapter layers added after loading keep torch's choice)."""
+    _, captured, _ = trained
+    unet = captured.trainer.bundle.unet
+    convs = [
+        m
+        for name, m in unet.named_modules()
+        if isinstance(m, torch.nn.Conv2d) and "lora_" not in name
+    ]
+    assert convs and all("_conv_forward" in vars(m) for m in convs)
 
 
 def test_export_reloads_to_the_same_outputs(trained):

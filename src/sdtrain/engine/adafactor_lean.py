@@ -77,12 +77,8 @@ def _update_moments(
     import torch
 
     if grad.numel() <= CHUNK_ELEMENTS or grad.dim() == 2:
-        if grad.numel() <= CHUNK_ELEMENTS:
-            squares = (grad**2) + eps
-            row_mean, col_mean = squares.mean(dim=-1), squares.mean(dim=-2)
-            del squares
-        else:
-            row_mean, col_mean = _means_of_2d(grad, eps)
+        small = grad.numel() <= CHUNK_ELEMENTS
+        row_mean, col_mean = _whole_means(grad, eps) if small else _means_of_2d(grad, eps)
         row.mul_(beta2t).add_(row_mean, alpha=(1.0 - beta2t))
         col.mul_(beta2t).add_(col_mean, alpha=(1.0 - beta2t))
         return
@@ -111,6 +107,12 @@ def _apply_factors(grad: torch.Tensor, row: torch.Tensor, col: torch.Tensor) -> 
         grad.narrow(0, start, count).mul_(torch.mul(r_piece, c_piece))
 
 
+def _whole_means(grad: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The library's own computation: one gradient-sized `grad**2 + eps`, both means of it."""
+    squares = (grad**2) + eps
+    return squares.mean(dim=-1), squares.mean(dim=-2)
+
+
 def _set_rows(grad: torch.Tensor) -> torch.Tensor:
     """Indices of the rows of a 2-D tensor with any bit set (not all +0.0), found slice by slice."""
     import torch
@@ -132,8 +134,7 @@ def _means_of_2d(grad: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Te
     """
     rows = _set_rows(grad)
     if rows.numel() * 4 > grad.shape[0]:
-        squares = (grad**2) + eps
-        return squares.mean(dim=-1), squares.mean(dim=-2)
+        return _whole_means(grad, eps)
     kept = grad.index_select(0, rows)
     squares = grad.pow_(2).add_(eps)
     means = squares.mean(dim=-1), squares.mean(dim=-2)

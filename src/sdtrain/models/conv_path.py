@@ -21,7 +21,9 @@ groups, no dilation, zero padding: all of SD's. bf16, measured the same way: 256
 Everything else (fp16, CUDA, larger maps, inputs or weights not in the plain contiguous layout)
 keeps torch's own choice. Results differ from oneDNN's by float rounding (~5e-7 relative per
 fp32 convolution). The choice depends on shapes only, so a run and its resume compute the same.
-Training applies it (run/train.py); `generate` and the data tools keep torch's kernels.
+Training applies it to the loaded U-Net, before any adapter layer exists (run/train.py;
+adapters' own small convolutions keep torch's choice); `generate` and the data tools keep torch's
+kernels.
 SDTRAIN_CONV=onednn turns it off (A/B).
 """
 
@@ -86,8 +88,8 @@ def _suited(conv: Any) -> bool:
 
 
 def use_gemm_convolutions(module: torch.nn.Module) -> int:
-    """Route the small-map fp32 CPU convolutions of `module` through im2col + GEMM (see the
-    module doc); returns how many Conv2d layers can take that path (0 when opted out)."""
+    """Route the small-map fp32 / bf16 CPU convolutions of `module` through im2col + GEMM (see
+    the module doc); returns how many Conv2d layers can take that path (0 when opted out)."""
     if os.environ.get(OPT_OUT, "").strip().lower() == "onednn":
         return 0
     count = 0

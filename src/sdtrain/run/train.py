@@ -368,6 +368,7 @@ def _execute(prepared: Prepared, resume_hint: str) -> TrainResult:
     from sdtrain.engine.sampling import SampleHook, load_prompts
     from sdtrain.engine.state import load_state
     from sdtrain.methods.adapters.metadata import training_metadata
+    from sdtrain.models.conv_path import use_gemm_convolutions
     from sdtrain.models.load import load_bundle
     from sdtrain.run.facts import collect_facts
 
@@ -404,8 +405,6 @@ def _execute(prepared: Prepared, resume_hint: str) -> TrainResult:
         part_dtypes=_part_dtypes(method, precision),
     )
     _fill_class_images(prepared, bundle, processes)
-    from sdtrain.models.conv_path import use_gemm_convolutions
-
     use_gemm_convolutions(bundle.unet)  # training only: generate keeps torch's kernels
     steps = prepared.plan.steps
     assert steps is not None
