@@ -8,12 +8,14 @@ several, each process trains its slice of every global batch; per-sample draws a
 sample's position in the global batch; the non-finite guard and the Ctrl-C stop are agreed by an
 all-reduce once per micro-batch; saves happen at the same steps everywhere and only the main
 process writes files while the others wait.
+
+The Trainer's setup (loop_setup), saves (loop_saving) and process agreement (loop_agreement)
+live in mixins beside this file; the loop itself is here.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -29,17 +31,17 @@ from sdtrain.config.sections import (
 from sdtrain.data.batch import Batch
 from sdtrain.data.steps import StepPlan
 from sdtrain.engine import naming
+from sdtrain.engine.loop_agreement import LoopAgreement
+from sdtrain.engine.loop_saving import LoopSaving
+from sdtrain.engine.loop_setup import LoopSetup
 from sdtrain.engine.metrics import Trackers
-from sdtrain.engine.saves import SavePolicy, nonfinite_cause, nonfinite_hint
+from sdtrain.engine.saves import SavePolicy
 from sdtrain.engine.state import (
     Counters,
     LoadedState,
-    StateParts,
-    save_state,
     tidy_output_dir,
 )
-from sdtrain.errors import Interrupted, TrainingError
-from sdtrain.methods.base import Method, SavePoint, StepInfo
+from sdtrain.methods.base import Method, StepInfo
 from sdtrain.models.bundle import ModelBundle
 from sdtrain.seeds import derive_seed
 
@@ -86,7 +88,7 @@ class TrainResult:
     final_loss: float | None = None
 
 
-class Trainer:
+class Trainer(LoopSetup, LoopSaving, LoopAgreement):
     """Drives a Method over TrainData with the recipe, optimizer, schedule and save policy."""
 
     def __init__(
@@ -120,212 +122,6 @@ class Trainer:
         self.trackers = trackers
         self.accelerator = accelerator
         self.outputs: list[Path] = []
-
-    # ----------------------------------------------------------------- setup
-    def _setup(self) -> None:
-        import torch
-
-        from sdtrain.engine.distributed import Processes, device_of, make_accelerator
-        from sdtrain.engine.loss import LossRecipe
-        from sdtrain.engine.noise import NoiseRecipe
-        from sdtrain.engine.optim import build_optimizer
-        from sdtrain.engine.precision import apply_precision, precision_for
-        from sdtrain.engine.schedule import build_lr_scheduler
-        from sdtrain.engine.step import StepContext
-
-        training = self.sections.training
-        if self.accelerator is None:
-            device_type = "cuda" if torch.cuda.is_available() else "cpu"
-            precision_for(training, self.no_half_vae, device_type)  # refuse fp16 on a CPU first
-            self.accelerator = make_accelerator(training.mixed_precision)
-        self.processes = Processes(self.accelerator)
-        self.device = device_of(self.accelerator)
-        self.precision = precision_for(training, self.no_half_vae, self.device.type)
-        torch.manual_seed(derive_seed(self.seed, "init"))
-        self.groups = self.method.prepare(self.bundle)
-        bundle = self.bundle
-        text_encoders = bundle.family.text_encoders(bundle)
-        apply_precision([bundle.unet, *text_encoders], self.precision)
-        # plain nn.Module.to: diffusers' own .to() warns about fp32-pinned modules we manage
-        torch.nn.Module.to(bundle.vae, self.device, dtype=self.precision.vae)
-        torch.nn.Module.to(bundle.unet, self.device)
-        for text_encoder in text_encoders:
-            torch.nn.Module.to(text_encoder, self.device)
-        bundle.vae.requires_grad_(False)
-        if training.gradient_checkpointing:
-            bundle.unet.enable_gradient_checkpointing()
-            if self.method.train_text_encoder():
-                for text_encoder in text_encoders:
-                    text_encoder.gradient_checkpointing_enable()
-        self.params = [p for g in self.groups for p in g.params]
-        self.built = build_optimizer(self.groups, self.sections.optimizer)
-        self.optimizer = self.built.optimizer  # the optimizer itself (state dicts, eval/train)
-        self.fused = None
-        if self.sections.optimizer.fused_backward_pass:
-            from sdtrain.engine.fused_backward import FusedBackward
-
-            if self.processes.count > 1:
-                raise TrainingError(
-                    "fused_backward_pass updates each weight during backward, before the "
-                    "processes could exchange gradients",
-                    hint="train on one process, or drop fused_backward_pass",
-                )
-            self.fused = FusedBackward(self.optimizer, training.max_grad_norm)
-        # the schedule runs in optimizer steps on every process: not prepared by accelerate
-        # (its prepared scheduler steps once per process)
-        self.scheduler = build_lr_scheduler(
-            self.optimizer, self.sections.optimizer, self.steps.total_steps
-        )
-        from sdtrain.engine.distributed import ignore_frozen
-        from sdtrain.engine.forward import TrainForward
-
-        forward = TrainForward(self.method, bundle)
-        self.zero = None
-        deepspeed = self.accelerator.distributed_type.name == "DEEPSPEED"
-        if deepspeed:
-            from sdtrain.engine.zero import configure_zero
-
-            configure_zero(
-                self.accelerator.state.deepspeed_plugin,
-                training.train_batch_size,
-                self.steps.gradient_accumulation_steps,
-                self.processes.count,
-                training.max_grad_norm,
-            )
-        elif self.processes.count > 1:
-            ignore_frozen(forward)
-        # DDP with several processes (or DeepSpeed's engine), autocast with mixed precision,
-        # the fp16 scaler
-        self.forward, self.stepper = self.accelerator.prepare(forward, self.optimizer)
-        if deepspeed:
-            from sdtrain.engine.zero import ZeroTraining
-
-            self.zero = ZeroTraining(self.forward)
-        if self.resume is None:  # a resumed run loads its state into place
-            from sdtrain.engine.optim_state import prime_state
-
-            # before any activation or gradient (see the module), after prepare: its device
-            # placement round-trips the state dict, which bitsandbytes deep-copies
-            prime_state(self.optimizer)
-        self.scaler = self.accelerator.scaler
-        noise = NoiseRecipe(training, bundle.noise_scheduler, bundle.family.is_v)
-        self.ctx = StepContext(
-            self.method,
-            bundle,
-            noise,
-            LossRecipe(training, noise),
-            self.precision,
-            self.device,
-            forward=self.forward,
-        )
-
-    def _restore(self) -> Counters:
-        if self.resume is None:
-            return Counters(seed=self.seed, num_processes=self.processes.count)
-        state = self.resume
-        self.method.load_trainable_state(state.trainable)
-        if self.zero is not None:  # this process's slices, and fp32 masters from the weights
-            self.zero.load_optimizer_state(self.optimizer, state.optimizer)
-        else:
-            self.optimizer.load_state_dict(state.optimizer)
-        self.scheduler.load_state_dict(state.scheduler)
-        if self.scaler is not None and state.scaler is not None:
-            self.scaler.load_state_dict(state.scaler)
-        state.restore_global_rng()
-        state.counters.num_processes = self.processes.count
-        logger.info(
-            "resumed from %s at step %d (epoch %d, batch %d)",
-            state.folder,
-            state.counters.global_step,
-            state.counters.epoch,
-            state.counters.position,
-        )
-        return state.counters
-
-    # ----------------------------------------------------------------- saving
-    def _optimizer_state(self) -> dict:
-        """The optimizer's state dict (under DeepSpeed gathered: every process calls it)."""
-        if self.zero is not None:
-            return self.zero.optimizer_state(self.optimizer)
-        return self.optimizer.state_dict()
-
-    def _state_parts(
-        self,
-        counters: Counters,
-        scheduler_state: dict | None = None,
-        optimizer_state: dict | None = None,
-    ) -> StateParts:
-        """What a state holds (under DeepSpeed a collective: every process calls it, unless
-        `optimizer_state` was gathered already)."""
-        optimizer = optimizer_state if optimizer_state is not None else self._optimizer_state()
-        return StateParts(
-            counters=counters,
-            trainable=self.method.trainable_state(),
-            optimizer=optimizer,
-            scheduler=scheduler_state or self.scheduler.state_dict(),
-            scaler=self.scaler.state_dict() if self.scaler else None,
-            config=self.run_config,
-        )
-
-    def _save(self, stem: str, counters: Counters, with_state: bool, final: bool) -> None:
-        # Epochs completed, as the reference's ss_epoch: step and epoch saves count finished
-        # epochs only (epoch saves run after the counter moved on); the final save counts the
-        # epoch it ends in. (Passing the in-progress counter made epoch saves say one too many.)
-        ended_mid_epoch = final and counters.position > 0
-        epoch_done = counters.epoch if ended_mid_epoch else counters.epoch - 1
-        # the optimizer part first: under DeepSpeed its gathering is collective, and the space
-        # check needs its size (schedule-free optimizers, whose eval switch below moves the
-        # weights, are refused under DeepSpeed)
-        gathered = (
-            self._optimizer_state()
-            if with_state and (self.processes.is_main or self.zero is not None)
-            else None
-        )
-        # every process switches to eval weights and back (schedule-free optimizers move the
-        # parameters), so all keep identical parameters; only the main process writes
-        with self._eval_mode():
-            if self.processes.is_main:
-                metadata = (
-                    self.hooks.save_metadata(counters.global_step, epoch_done)
-                    if self.hooks.save_metadata
-                    else {}
-                )
-                point = SavePoint(
-                    self.output_dir, stem, epoch_done, counters.global_step, final, metadata
-                )
-                self.saves.ensure_space(stem, self.params, gathered)
-                self.outputs.extend(self.method.export(self.bundle, point))
-        if gathered is not None and self.processes.is_main:
-            # the weights after the eval round trip, which the run goes on with
-            parts = self._state_parts(counters, optimizer_state=gathered)
-            folder = save_state(self.output_dir / naming.state_dir_name(stem), parts)
-            logger.info("state saved: %s", folder)
-        self.processes.wait()
-
-    def _sample(self, kind: str, epoch: int, step: int) -> None:
-        """The sampling hook on the main process; the others wait for it."""
-        if self.hooks.sample is None:
-            return
-        if self.processes.is_main:
-            self.hooks.sample(kind, epoch, step)
-        self.processes.wait()
-
-    def _eval_mode(self):
-        import contextlib
-
-        opt = self.optimizer
-        if self.built.is_schedule_free and hasattr(opt, "eval"):
-
-            @contextlib.contextmanager
-            def switch():
-                opt.eval()
-                try:
-                    yield
-                finally:
-                    opt.train()
-
-            return switch()
-        return contextlib.nullcontext()
 
     # ----------------------------------------------------------------- the loop
     def run(self) -> TrainResult:
@@ -551,58 +347,6 @@ class Trainer:
 
         return micro_step_loss(self.ctx, batch, generators, step)
 
-    def _sync(self, ends_window: bool) -> Any:
-        """DDP's no_sync inside an accumulation window: gradients are exchanged once, with the
-        window's last backward (nothing to do on one process)."""
-        import contextlib
-
-        if ends_window or self.processes.count == 1 or self.zero is not None:
-            return contextlib.nullcontext()  # DeepSpeed: the accumulation boundary instead
-        return self.accelerator.no_sync(self.forward)
-
-    def _agree(self, loss: Any, batch: Batch, stop: Any) -> tuple[float, bool, bool]:
-        """(mean loss of the global micro-batch, finite everywhere, stop requested anywhere).
-
-        One host read per micro-batch, as on one process; with several processes that read is
-        of one all-reduced (loss share, non-finite flag, stop flag) vector. A padding share
-        (weight 0) counts neither its loss nor its finiteness."""
-        import torch
-
-        count = self.processes.count
-        if count == 1:
-            value = float(loss.detach())
-            return value, math.isfinite(value), stop.requested is not None
-        mine = loss.detach().double().reshape(())
-        ok = torch.isfinite(mine)
-        zero = torch.zeros((), dtype=torch.float64, device=mine.device)
-        if batch.loss_weight == 0.0:
-            share, bad = zero, zero
-        else:
-            share = torch.where(ok, mine * (batch.loss_weight / count), zero)
-            bad = (~ok).double()
-        stopping = torch.full((), float(stop.requested is not None), device=mine.device)
-        total, bad_count, stops = self.processes.agree(torch.stack([share, bad, stopping.double()]))
-        return total, bad_count == 0, stops > 0
-
-    def _stopping(self, stop: Any, agreed: bool) -> bool:
-        """Stop now? On one process: a signal arrived. With several: one arrived on some process
-        by the last agreement (so every process stops at the same step)."""
-        if self.processes.count == 1:
-            return stop.requested is not None
-        if agreed and stop.requested is None:
-            stop.requested = "SIGINT (on another process)"
-        return agreed
-
-    def _all_paths(self, paths: list[str]) -> list[str]:
-        """The image paths of a step over all processes (only asked for on bad steps)."""
-        if self.processes.count == 1:
-            return paths
-        import torch.distributed as dist
-
-        parts: list[Any] = [None] * self.processes.count
-        dist.all_gather_object(parts, paths)
-        return [p for part in parts for p in part]
-
     def _backward(
         self, loss: Any, weight: float, accumulation: int, ends: bool, finite: bool
     ) -> None:
@@ -722,44 +466,3 @@ class Trainer:
                     f"{self.resume_hint} --resume {folder}".strip(),
                 ) from None
             yield batch
-
-    def _write_state(self, stem: str, parts: Callable[[], StateParts]) -> Path:
-        """A state written by the main process (the others wait); its folder."""
-        folder = self.output_dir / naming.state_dir_name(stem)
-        # the parts on the main process, which writes them, and under DeepSpeed on every process
-        # (gathering the optimizer state is collective)
-        if self.processes.is_main or self.zero is not None:
-            here = parts()
-            if self.processes.is_main:
-                save_state(folder, here)
-        self.processes.wait()
-        return folder
-
-    def _interrupt(self, counters: Counters, signal_name: str | None) -> None:
-        stem = naming.step_stem(self.output_name, counters.global_step)
-        folder = self._write_state(stem, lambda: self._state_parts(counters))
-        raise Interrupted(
-            f"{signal_name}: stopped after step {counters.global_step}; state written to {folder}",
-            hint=f"resume with: {self.resume_hint} --resume {folder}".strip(),
-        )
-
-    def _stop_nonfinite(self, before: tuple[Counters, dict] | None, paths: list[str]) -> None:
-        assert before is not None
-        counters, scheduler_state = before
-        stem = naming.step_stem(self.output_name, counters.global_step)
-        folder = self._write_state(stem, lambda: self._state_parts(counters, scheduler_state))
-        growth = self._weight_norm() / max(self._start_norm, 1e-12)
-        kind, cause = nonfinite_cause(paths, self.precision.mixed_precision, growth)
-        raise TrainingError(
-            f"{len(paths)} consecutive steps had a non-finite loss or gradient; {cause}",
-            hint=nonfinite_hint(
-                kind, self.resume_hint, folder, self.sections.optimizer.learning_rate
-            ),
-        )
-
-    def _weight_norm(self) -> float:
-        """L2 norm of every trainable parameter together (for the explosion diagnosis)."""
-        import torch
-
-        norms = [p.detach().float().norm() for p in self.params]
-        return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
