@@ -2,6 +2,9 @@
 
 Usage: python benchmarks/baseline_child.py SPEC RESOLUTION fp32|bf16 cached|uncached STEPS OUT.json
 
+The models load as the reference loads a diffusers folder: diffusers' and transformers' own
+`from_pretrained` in fp32 (train_work.load_models_as_reference), not sdtrain's streaming loader.
+
 What the reference toolkit (kohya train_network) does per step, nothing more: LoRA rank 8 on the
 U-Net's transformer blocks (Linear and 1x1 Conv) and the text encoder's attention/MLP Linear
 layers; frozen base weights in the mixed-precision dtype, LoRA weights fp32, forward under
@@ -44,9 +47,9 @@ def main() -> None:
     import torch
     from diffusers import DDPMScheduler
     from peft import LoraConfig, inject_adapter_in_model
-    from train_work import CAPTION, load_models
+    from train_work import CAPTION, load_models_as_reference
 
-    unet, vae, text_encoder, tokenizer = load_models(spec)
+    unet, vae, text_encoder, tokenizer = load_models_as_reference(spec)
     weight = torch.bfloat16 if precision == "bf16" else torch.float32
     for module in (unet, vae, text_encoder):
         module.requires_grad_(False)

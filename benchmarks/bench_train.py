@@ -9,7 +9,11 @@ Every case runs in a fresh subprocess (peak RSS is per process):
   half and up-cast per layer instead of up-cast to fp32 at load), for A/B.
 * sdtrain-onednn: the same with SDTRAIN_CONV=onednn (every convolution through oneDNN, as torch
   chooses, instead of im2col + GEMM for the U-Net's small maps: models/conv_path.py), for A/B.
-* baseline: benchmarks/baseline_child.py, the reference-equivalent loop (default allocator).
+* sdtrain-eager: the same with SDTRAIN_EAGER_DIFFUSERS=1 (diffusers' model-family packages
+  imported whole instead of lazily: sdtrain/lazy_packages.py), for A/B.
+* baseline: benchmarks/baseline_child.py, the reference-equivalent loop (default allocator; the
+  models load through diffusers' and transformers' own from_pretrained, as the reference loads a
+  diffusers folder; until 2026-12-06 it borrowed sdtrain's streaming loader).
 * baseline-alloc: the baseline under the allocator environment sdtrain would choose.
 
 Cases: models tiny (builtin:tiny-sd1, 256 px), small (~18M-param UNet, 128 px) and, with --full,
@@ -142,6 +146,8 @@ def run_variant(variant: str, case: dict, work: Path, spec: str, steps: int, war
             env["SDTRAIN_FROZEN_HALF"] = "1"
         if variant == "sdtrain-onednn":
             env["SDTRAIN_CONV"] = "onednn"
+        if variant == "sdtrain-eager":
+            env["SDTRAIN_EAGER_DIFFUSERS"] = "1"
         if case.get("profile"):
             env["SDTRAIN_BENCH_PROFILE"] = f"{warmup},{steps - warmup}"
         out = Path(tempfile.mkdtemp(prefix="out-", dir=work))

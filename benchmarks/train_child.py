@@ -5,8 +5,9 @@ Environment: SDTRAIN_BENCH_RESULT=<json path> (required); SDTRAIN_BENCH_PROFILE=
 N optimizer steps after W warm-up steps with torch.profiler and reports the engine's own share;
 SDTRAIN_BENCH_TOPOPS=<txt path> also writes the profiler's op table (top 40 by self CPU time).
 
-It calls `sdtrain.cli.main.run()` exactly as the console script does (so the allocator re-exec
-happens; the re-executed process runs this file again with the same arguments). The only
+It calls `sdtrain.cli.main.run()` exactly as the console script does. The allocator re-exec
+happens first, before any heavy import, as in the console entry (the re-executed process runs
+this file again with the same arguments); phase times count from the first process's start. The only
 additions are a timestamp at the end of every optimizer step (a wrapper around
 Trainer._after_step_events) and, when profiling, record_function labels around the model work.
 """
@@ -21,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+T0 = "SDTRAIN_BENCH_T0"  # wall-clock start of the first process (seconds since the epoch)
 MODEL_WORK = ("unet.forward", "text_encoder.forward", "vae.encode", "backward", "optimizer.step")
 
 
@@ -129,9 +131,16 @@ def _phase_hooks(phases: list[dict], started: float) -> None:
 
 
 def main() -> None:
-    started = time.perf_counter()
+    # phase times count from the first process's start, through the allocator re-exec
+    os.environ.setdefault(T0, repr(time.time()))
+    started = time.perf_counter() - (time.time() - float(os.environ[T0]))
     result_path = os.environ["SDTRAIN_BENCH_RESULT"]
     profile = os.environ.get("SDTRAIN_BENCH_PROFILE")
+    # re-execute before the heavy imports below, as the console entry does: a user's process
+    # never imports torch twice, so the measured process must not either
+    from sdtrain.cli.allocator import maybe_reexec
+
+    maybe_reexec(sys.argv[1:])
     from sdtrain.engine import loop
 
     stamps: list[float] = []

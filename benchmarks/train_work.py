@@ -135,6 +135,37 @@ def load_models(spec: str):
     return bundle.unet, bundle.vae, bundle.text_encoder, bundle.tokenizer
 
 
+def load_models_as_reference(spec: str):
+    """(unet, vae, text_encoder, tokenizer) loaded the way the reference loads a diffusers folder.
+
+    The reference (sd-scripts-behaviour.md §12.3) calls `StableDiffusionPipeline.from_pretrained`
+    in fp32; here each component's own `from_pretrained` (fp32, local files only) does the same
+    loading work without the pipeline's extra imports, so the baseline's load is if anything
+    faster than the reference's. The tokenizer is the bundled offline one (the reference fetches
+    its own from the hub or a cache). The built-in tiny model has no weight files: it loads
+    through sdtrain, as in `load_models`.
+    """
+    if spec.startswith("builtin:"):
+        return load_models(spec)
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from sdtrain.models.tokenizer import load_tokenizer
+
+    kwargs = {"local_files_only": True}
+    unet = UNet2DConditionModel.from_pretrained(
+        spec, subfolder="unet", torch_dtype=torch.float32, **kwargs
+    )
+    vae = AutoencoderKL.from_pretrained(spec, subfolder="vae", torch_dtype=torch.float32, **kwargs)
+    text_encoder = CLIPTextModel.from_pretrained(
+        spec, subfolder="text_encoder", dtype=torch.float32, **kwargs
+    )
+    for module in (unet, vae, text_encoder):
+        module.eval()
+    return unet, vae, text_encoder, load_tokenizer("sd1")
+
+
 def make_images(folder: Path, count: int, resolution: int) -> Path:
     """`count` noise images with a static caption in a DreamBooth-style `1_sks` folder."""
     from PIL import Image
