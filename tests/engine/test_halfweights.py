@@ -81,3 +81,26 @@ def test_off_is_a_no_op():
     x = torch.randn(2, 4)
     with upcast_half_weights(False):
         assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+
+
+def _slow_conv_calls(models, half: bool) -> tuple[int, torch.Tensor, list[torch.Tensor]]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out, grads = _step(*models, half=half)
+    counts = {e.key: e.count for e in prof.key_averages()}
+    return counts.get("aten::_slow_conv2d_forward", 0), out, grads
+
+
+def test_gemm_convolutions_keep_their_path_with_half_weights():
+    """models/conv_path.py's routed convolutions take the GEMM kernel with frozen half weights
+    too (the mode up-casts the weight the kernel receives), bit-identical to fp32 weights."""
+    from sdtrain.models.conv_path import use_gemm_convolutions
+
+    full, half = _models(half=False), _models(half=True)
+    assert use_gemm_convolutions(full[0]) == use_gemm_convolutions(half[0]) > 0
+    for a, b in zip(full[2].parameters(), half[2].parameters(), strict=True):
+        b.data.copy_(a.data)
+    calls_full, out_full, grads_full = _slow_conv_calls(full, half=False)
+    calls_half, out_half, grads_half = _slow_conv_calls(half, half=True)
+    assert calls_full > 0 and calls_half == calls_full
+    assert torch.equal(out_full, out_half)
+    assert all(torch.equal(a, b) for a, b in zip(grads_full, grads_half, strict=True))

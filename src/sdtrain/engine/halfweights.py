@@ -10,6 +10,8 @@ kernels see the same fp32 values as with weights up-cast at load, so results are
 Autograd would keep each up-cast alive until backward (linear and convolution save their
 weight), which would bring the fp32 copy back at the memory peak; a saved-tensor hook stores the
 half tensor instead and up-casts it again when backward needs it.
+The U-Net's GEMM-routed convolutions (models/conv_path.py, `thnn_conv2d`) are weighted ops
+too, so they keep their kernel with half weights.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ _WEIGHTED = {
     torch.nn.functional.group_norm,
     torch.nn.functional.layer_norm,
     torch.conv2d,
+    torch._C._nn.thnn_conv2d,  # models/conv_path.py's GEMM convolutions
     torch.group_norm,
     torch.layer_norm,
 }

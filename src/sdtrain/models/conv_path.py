@@ -18,12 +18,14 @@ MAX_POSITIONS positions take the GEMM path on the CPU in float32, and in bf16 (u
 autocast the input, weight and bias are cast to bf16 first, as autocast's conv2d does). No
 groups, no dilation, zero padding: all of SD's. bf16, measured the same way: 2560->1280 at 8x8
 100 vs 24 ms, at 4x4 91 vs 14 ms; at 16x16 about even; at 32x32 oneDNN is ahead (not routed).
-Everything else (fp16, CUDA, larger maps, inputs or weights not in the plain contiguous layout)
-keeps torch's own choice. Results differ from oneDNN's by float rounding (~5e-7 relative per
-fp32 convolution). The choice depends on shapes only, so a run and its resume compute the same.
-Training applies it to the loaded U-Net, before any adapter layer exists (run/train.py;
-adapters' own small convolutions keep torch's choice); `generate` and the data tools keep torch's
-kernels.
+Frozen float16/bf16 weights an fp32 run keeps half (engine/halfweights.py) take the same
+path: the kernel receives the half weight and that mode up-casts it per call (before 2026-12-06
+such convolutions fell back to oneDNN). Everything else (fp16 compute, CUDA, larger maps, inputs
+or weights not in the plain contiguous layout) keeps torch's own choice. Results differ from
+oneDNN's by float rounding (~5e-7 relative per fp32 convolution). The choice depends on shapes
+only, so a run and its resume compute the same. Training applies it to the loaded U-Net, before
+any adapter layer exists (run/train.py; adapters' own small convolutions keep torch's choice);
+`generate` and the data tools keep torch's kernels.
 SDTRAIN_CONV=onednn turns it off (A/B).
 """
 
@@ -51,7 +53,19 @@ def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
         return torch.bfloat16 if torch.get_autocast_dtype("cpu") == torch.bfloat16 else None
     if x.dtype == weight.dtype and x.dtype in (torch.float32, torch.bfloat16):
         return x.dtype
+    if x.dtype == torch.float32 and _frozen_half(weight):
+        return torch.float32  # up-cast per call by engine/halfweights.py's mode
     return None
+
+
+def _frozen_half(value: torch.Tensor | None) -> bool:
+    """A frozen float16/bf16 weight that an fp32 run keeps half (engine/halfweights.py): passed
+    to the kernel as it is, so that mode up-casts it and saves the half tensor for backward."""
+    return (
+        value is not None
+        and value.dtype in (torch.float16, torch.bfloat16)
+        and not value.requires_grad
+    )
 
 
 def _gemm_conv_forward(
@@ -62,7 +76,7 @@ def _gemm_conv_forward(
         dtype is not None
         and x.dim() == 4
         and x.dtype in (torch.float32, torch.bfloat16)
-        and weight.dtype in (torch.float32, torch.bfloat16)
+        and (weight.dtype in (torch.float32, torch.bfloat16) or _frozen_half(weight))
         # the GEMM path's weight gradient would take an input's channels-last layout (a 1x1 map
         # is contiguous both ways), and torch then refuses the contiguous weight gradient
         and x.is_contiguous()
@@ -70,9 +84,11 @@ def _gemm_conv_forward(
         and weight.is_contiguous()
         and _output_positions(self, x.shape[-2], x.shape[-1]) <= MAX_POSITIONS
     ):
-        cast = None if bias is None else bias.to(dtype)
+        keep = dtype == torch.float32 and x.dtype == torch.float32
+        cast_weight = weight if keep and _frozen_half(weight) else weight.to(dtype)
+        cast = None if bias is None else bias if keep and _frozen_half(bias) else bias.to(dtype)
         return torch._C._nn.thnn_conv2d(
-            x.to(dtype), weight.to(dtype), self.kernel_size, cast, self.stride, self.padding
+            x.to(dtype), cast_weight, self.kernel_size, cast, self.stride, self.padding
         )
     return torch.nn.Conv2d._conv_forward(self, x, weight, bias)
 
