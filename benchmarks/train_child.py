@@ -7,8 +7,8 @@ SDTRAIN_BENCH_TOPOPS=<txt path> also writes the profiler's op table (top 40 by s
 
 It calls `sdtrain.cli.main.run()` exactly as the console script does. The allocator re-exec
 happens first, before any heavy import, as in the console entry (the re-executed process runs
-this file again with the same arguments); phase times count from the first process's start. The only
-additions are a timestamp at the end of every optimizer step (a wrapper around
+this file again with the same arguments); phase times count from the first process's start.
+The only additions are a timestamp at the end of every optimizer step (a wrapper around
 Trainer._after_step_events) and, when profiling, record_function labels around the model work.
 """
 

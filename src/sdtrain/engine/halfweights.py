@@ -24,7 +24,8 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-HALF = (torch.float16, torch.bfloat16)
+from sdtrain.models.frozen_half import is_frozen_half
+
 _WEIGHTED = {
     torch.nn.functional.linear,
     torch.nn.functional.conv1d,
@@ -38,10 +39,6 @@ _WEIGHTED = {
     torch.layer_norm,
 }
 _EMBEDDING = {torch.nn.functional.embedding, torch.embedding}
-
-
-def _is_frozen_half(value: Any) -> bool:
-    return isinstance(value, torch.nn.Parameter) and value.dtype in HALF and not value.requires_grad
 
 
 class _UpcastMode(TorchFunctionMode):
@@ -63,16 +60,14 @@ class _UpcastMode(TorchFunctionMode):
         kwargs = kwargs or {}
         if func in _WEIGHTED:
             values = list(args) + list(kwargs.values())
-            if any(_is_frozen_half(v) for v in values) and any(
+            if any(is_frozen_half(v) for v in values) and any(
                 isinstance(v, torch.Tensor) and v.dtype == torch.float32 for v in values
             ):
-                args = tuple(self._upcast(a) if _is_frozen_half(a) else a for a in args)
-                kwargs = {
-                    k: self._upcast(v) if _is_frozen_half(v) else v for k, v in kwargs.items()
-                }
+                args = tuple(self._upcast(a) if is_frozen_half(a) else a for a in args)
+                kwargs = {k: self._upcast(v) if is_frozen_half(v) else v for k, v in kwargs.items()}
         elif func in _EMBEDDING:
             weight = args[1] if len(args) > 1 else kwargs.get("weight")
-            if _is_frozen_half(weight):
+            if is_frozen_half(weight):
                 return func(*args, **kwargs).float()  # gather then cast == cast then gather
         return func(*args, **kwargs)
 
@@ -103,4 +98,4 @@ def upcast_half_weights(enabled: bool = True) -> Iterator[None]:
 
 def has_frozen_half(modules: list[torch.nn.Module]) -> bool:
     """True when any frozen parameter of `modules` is float16 / bf16."""
-    return any(_is_frozen_half(p) for m in modules for p in m.parameters())
+    return any(is_frozen_half(p) for m in modules for p in m.parameters())

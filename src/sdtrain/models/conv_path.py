@@ -37,6 +37,8 @@ from typing import Any
 
 import torch
 
+from sdtrain.models.frozen_half import is_frozen_half
+
 MAX_POSITIONS = 256  # 16x16: the GEMM path was faster at every SD shape up to here
 OPT_OUT = "SDTRAIN_CONV"
 
@@ -53,19 +55,9 @@ def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
         return torch.bfloat16 if torch.get_autocast_dtype("cpu") == torch.bfloat16 else None
     if x.dtype == weight.dtype and x.dtype in (torch.float32, torch.bfloat16):
         return x.dtype
-    if x.dtype == torch.float32 and _frozen_half(weight):
-        return torch.float32  # up-cast per call by engine/halfweights.py's mode
+    if x.dtype == torch.float32 and is_frozen_half(weight):
+        return torch.float32  # passed as it is: engine/halfweights.py's mode up-casts it per call
     return None
-
-
-def _frozen_half(value: torch.Tensor | None) -> bool:
-    """A frozen float16/bf16 weight that an fp32 run keeps half (engine/halfweights.py): passed
-    to the kernel as it is, so that mode up-casts it and saves the half tensor for backward."""
-    return (
-        value is not None
-        and value.dtype in (torch.float16, torch.bfloat16)
-        and not value.requires_grad
-    )
 
 
 def _gemm_conv_forward(
@@ -76,7 +68,7 @@ def _gemm_conv_forward(
         dtype is not None
         and x.dim() == 4
         and x.dtype in (torch.float32, torch.bfloat16)
-        and (weight.dtype in (torch.float32, torch.bfloat16) or _frozen_half(weight))
+        and (weight.dtype in (torch.float32, torch.bfloat16) or is_frozen_half(weight))
         # the GEMM path's weight gradient would take an input's channels-last layout (a 1x1 map
         # is contiguous both ways), and torch then refuses the contiguous weight gradient
         and x.is_contiguous()
@@ -84,9 +76,11 @@ def _gemm_conv_forward(
         and weight.is_contiguous()
         and _output_positions(self, x.shape[-2], x.shape[-1]) <= MAX_POSITIONS
     ):
-        keep = dtype == torch.float32 and x.dtype == torch.float32
-        cast_weight = weight if keep and _frozen_half(weight) else weight.to(dtype)
-        cast = None if bias is None else bias if keep and _frozen_half(bias) else bias.to(dtype)
+        # a frozen half weight (and bias) of an fp32 run goes in as it is: the up-cast is
+        # engine/halfweights.py's, which saves the half tensor for backward
+        keep = dtype == torch.float32
+        cast_weight = weight if keep and is_frozen_half(weight) else weight.to(dtype)
+        cast = None if bias is None else bias if keep and is_frozen_half(bias) else bias.to(dtype)
         return torch._C._nn.thnn_conv2d(
             x.to(dtype), cast_weight, self.kernel_size, cast, self.stride, self.padding
         )

@@ -12,6 +12,7 @@ from sdtrain.errors import ConfigError, ModelLoadError, Problem
 from sdtrain.models.attention import apply_attention
 from sdtrain.models.bundle import ModelBundle, ModelSource
 from sdtrain.models.checkpoint_file import SAFETENSORS_SUFFIXES, TORCH_SUFFIXES
+from sdtrain.models.frozen_half import HALF
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +96,6 @@ def move_module(module: torch.nn.Module, device: torch.device, dtype: torch.dtyp
     if first is not None and first.device == device and first.dtype == dtype:
         return
     torch.nn.Module.to(module, device=device, dtype=dtype)
-
-
-HALF = (torch.float16, torch.bfloat16)
 
 
 def load_bundle(
