@@ -264,6 +264,10 @@ def build_optimizer(groups: list[ParamGroup], section: OptimizerSection) -> Buil
             ]
         ) from err
 
+    if cls.__module__.startswith("bitsandbytes"):
+        from sdtrain.engine.bnb_slices import install
+
+        install()  # the CPU 8-bit update slice by slice: same bits, smaller temporaries
     is_schedule_free = kind == "schedulefree" or cls.__module__.startswith("schedulefree")
     if is_schedule_free and callable(getattr(optimizer, "train", None)):
         optimizer.train()
