@@ -18,7 +18,7 @@ def _run(make, sliced: bool, steps: int = 3):
         functional.optimizer_update_8bit_blockwise,
     )
     generator = torch.Generator().manual_seed(0)
-    # 5013 values: 5 slices of 1024 and a last block of 149 (not a whole block of 256)
+    # 5013 values: 4 slices of 1024, one of 917, and a last block of 149 (not a whole 256)
     params = [
         torch.nn.Parameter(torch.randn(3, 1671, generator=generator)),
         torch.nn.Parameter(torch.randn(40, 8, 3, 3, generator=generator)),
@@ -96,7 +96,7 @@ def test_slices_are_block_aligned_and_cover_the_weight(monkeypatch):
         weight_decay=0.0,
         gnorm_scale=1.0,
         skip_zeros=False,
-    ):  # fmt: skip  (the library's parameter names)
+    ):  # the library's parameter names
         seen.append((p.data_ptr(), p.numel(), absmax1.data_ptr(), absmax1.numel(), state2 is None))
 
     p = torch.zeros(1300)

@@ -17,7 +17,6 @@ def _as_peft(net) -> None:
 
 def _step(unet, text_encoder, net):
     """Outputs and every LoRA gradient of one training forward/backward."""
-
     x, t, _context, ids = inputs(3)
     for p in net.parameters():
         p.grad = None
@@ -60,7 +59,7 @@ def test_without_gemm_the_sum_is_peft_bit_for_bit(monkeypatch):
 
     from sdtrain.methods.adapters import inplace
 
-    monkeypatch.setattr(inplace, "_gemm_into", lambda *a: False)
+    monkeypatch.setattr(inplace, "_gemm_up", lambda *a: False)
     unet, text_encoder, net = trained_network(network_dim=4, network_alpha=2.0)
     net.train(True)
     ours = _step(unet, text_encoder, net)

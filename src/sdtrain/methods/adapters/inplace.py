@@ -35,20 +35,29 @@ import torch
 from peft.tuners.lora import layer as peft_lora
 
 
-def _gemm_into(result: torch.Tensor, down: torch.Tensor, up: torch.nn.Module) -> bool:
-    """Whether `result += scaling * down @ up.weight^T` can run as one in-place GEMM: 2-D
-    operands of one dtype, a Linear up-projection without bias or hooks, no autocast."""
+def _gemm_up(up: torch.nn.Module, dtype: torch.dtype, device_type: str) -> bool:
+    """Whether up-projection `up` can be summed by one in-place GEMM for inputs of `dtype`: a
+    Linear without bias or hooks, weights of that dtype, no autocast."""
     return (
         type(up) is torch.nn.Linear
         and up.bias is None
         and not (up._forward_hooks or up._forward_pre_hooks)
-        and result.dim() == 2
+        and up.weight.dtype == dtype
+        and not _autocast_on(device_type)
+    )
+
+
+def _gemm_into(result: torch.Tensor, down: torch.Tensor, up: torch.nn.Module) -> bool:
+    """Whether `result += scaling * down @ up.weight^T` can run as one in-place GEMM: 2-D
+    operands of one dtype and an up-projection `_gemm_up` accepts."""
+    return (
+        result.dim() == 2
         and down.dim() == 2
         and result.is_contiguous()
-        and result.dtype == down.dtype == up.weight.dtype
+        and result.dtype == down.dtype
         and result.shape[0] == down.shape[0]
         and result.shape[1] == up.out_features
-        and not _autocast_on(result.device.type)
+        and _gemm_up(up, result.dtype, result.device.type)
     )
 
 
@@ -72,7 +81,7 @@ def _flattens(self: Any, name: str, x: torch.Tensor) -> bool:
         and isinstance(self.base_layer, torch.nn.Linear)
         and not (down._forward_hooks or down._forward_pre_hooks)
         and x.dtype == down.weight.dtype
-        and _gemm_into(x.new_empty((0, up.out_features)), x.new_empty((0, 1)), up)
+        and _gemm_up(up, x.dtype, x.device.type)
     )
 
 

@@ -89,7 +89,7 @@ def inject(
     modules = [LoraModule(t, model.get_submodule(t.path), adapter) for t, _ in ranked]
     from sdtrain.methods.adapters.inplace import use_inplace_sum
 
-    use_inplace_sum([m.layer for m in modules])  # same numbers, fewer heap holes
+    use_inplace_sum([m.layer for m in modules])  # peft's sum, fewer heap holes
     for module, (_, (r, a)) in zip(modules, ranked, strict=True):
         if module.rank != r or module.alpha != a:
             raise RuntimeError(
