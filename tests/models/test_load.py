@@ -244,3 +244,52 @@ def test_parts_loaded_in_their_training_dtype_equal_the_cast_after_load(
             want = value.to(bf16) if value.is_floating_point() else value
             assert b[key].dtype == want.dtype and torch.equal(b[key], want), f"{name}.{key}"
     assert all(p.dtype == torch.float32 for p in direct.text_encoder.parameters())
+
+
+@pytest.mark.parametrize("kind", ["diffusers", "safetensors", "builtin", "override"])
+def test_with_vae_sees_the_ready_vae_before_the_unet_and_text_encoder_load(
+    tiny_files, tiny_sd1, tmp_path, kind
+):
+    """with_vae is called once, with the bundle's own VAE already cast, moved and (with `vae`)
+    replaced, while no UNet or text encoder holds weights yet (modules built on the meta device
+    to read a layout hold none)."""
+    import gc
+
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    parts = (UNet2DConditionModel, CLIPTextModel)
+    before = {id(o) for o in gc.get_objects() if isinstance(o, parts)}
+
+    def loaded() -> list[str]:
+        return [
+            type(o).__name__
+            for o in gc.get_objects()
+            if isinstance(o, parts)
+            and id(o) not in before
+            and any(not p.is_meta for p in o.parameters())
+        ]
+
+    spec = "builtin:tiny-sd1" if kind == "builtin" else str(tiny_files["sd1"]["safetensors"])
+    if kind == "diffusers":
+        spec = str(tiny_files["sd1"]["diffusers"])
+    keys = {"no_half_vae": True}
+    if kind == "override":
+        keys["vae"] = str(save_diffusers(tiny_sd1, tmp_path / "donor"))
+    seen = []
+
+    def with_vae(vae):
+        seen.append((vae, vae.dtype, loaded()))
+
+    section = ModelSection(pretrained_model_name_or_path=spec, **keys)
+    bundle = load_bundle(section, dtype=torch.bfloat16, with_vae=with_vae)
+    assert len(seen) == 1
+    vae, dtype, loaded_then = seen[0]
+    assert vae is bundle.vae and dtype == torch.float32  # no_half_vae: cast before the call
+    if kind != "builtin":  # a random toy is built whole, then the VAE is handed over
+        assert loaded_then == []
+    assert sorted(loaded()) == ["CLIPTextModel", "UNet2DConditionModel"]
+    assert bundle.unet.dtype == torch.bfloat16
+    assert _vae_equal(bundle.vae, tiny_sd1.vae)
+    if kind == "override":
+        assert bundle.source.vae_spec == keys["vae"]

@@ -109,14 +109,20 @@ def captured(monkeypatch):
     box: dict = {}
     real = load.load_bundle
 
-    def keep(*args, **kwargs):
-        bundle = real(*args, **kwargs)
+    def keep(*args, with_vae=None, **kwargs):
+        def snapshot(vae):  # before latent caching may release or park it (models/load.py)
+            box["vae"] = {f"vae.{n}": p.detach().clone() for n, p in vae.named_parameters()}
+            if with_vae is not None:
+                with_vae(vae)
+
+        bundle = real(*args, with_vae=snapshot, **kwargs)
         box["bundle"] = bundle
         box["before"] = {
             f"{part}.{name}": p.detach().clone()
-            for part in ("unet", "text_encoder", "vae")
+            for part in ("unet", "text_encoder")
             for name, p in getattr(bundle, part).named_parameters()
         }
+        box["before"].update(box["vae"])
         return bundle
 
     monkeypatch.setattr(load, "load_bundle", keep)

@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 RUN = """
 [model]
@@ -161,3 +162,34 @@ def test_frozen_text_encoder_outputs_are_cached_for_static_captions(run_dir, cli
     assert result.exit_code == 0, result.output
     # 3 distinct static captions, each encoded once (one at a time), over 4 steps of batch 2
     assert calls == [1, 1, 1]
+
+
+def test_latents_cached_during_the_load_train_the_same_lora(run_dir, cli, monkeypatch):
+    """With cache_latents the VAE encodes while the model loads (models/load.py `with_vae`) and
+    is released before the UNet exists; the LoRA is bit-identical to caching after the load."""
+    import sdtrain.models.load as load
+
+    real = load.load_bundle
+    calls: list[bool] = []
+
+    def spy(*args, with_vae=None, **kwargs):
+        calls.append(with_vae is not None)
+        return real(*args, with_vae=with_vae, **kwargs)
+
+    monkeypatch.setattr(load, "load_bundle", spy)
+    args = ["train", "lora", str(run_dir / "run.toml"), "--cache_latents"]
+    result = cli(args)
+    assert result.exit_code == 0, result.output
+    (run_dir / "out").rename(run_dir / "first")
+
+    def after_load(*args, with_vae=None, **kwargs):  # the order before: cache once loaded
+        calls.append(with_vae is not None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(load, "load_bundle", after_load)
+    result = cli(args)
+    assert result.exit_code == 0, result.output
+    assert calls == [True, True]
+    a = load_file(str(run_dir / "first" / "tiny.safetensors"))
+    b = load_file(str(run_dir / "out" / "tiny.safetensors"))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from sdtrain.errors import ConfigError, ModelLoadError, Problem
-from sdtrain.models.bundle import ModelBundle, ModelSource
+from sdtrain.models.bundle import ModelBundle, ModelSource, VaeReady
 from sdtrain.models.families import config_dir
 
 log = logging.getLogger(__name__)
@@ -124,8 +124,11 @@ def load_builtin(
     *,
     tokenizer_cache_dir: str | None = None,
     prediction_type: str | None = None,
+    vae_ready: VaeReady | None = None,
 ) -> ModelBundle:
-    """Build `builtin:<name>` on the CPU in float32 (load.py moves it and applies overrides)."""
+    """Build `builtin:<name>` on the CPU in float32 (load.py moves it and applies overrides).
+
+    `vae_ready`: as for load_diffusers_folder (a random toy is built whole, then it is called)."""
     from sdtrain.models.assemble import assemble_bundle
 
     item = get_builtin(spec)
@@ -141,11 +144,17 @@ def load_builtin(
 
         source = ModelSource(spec=spec, kind="builtin", path=str(folder))
         return load_diffusers_folder(
-            folder, source, tokenizer_cache_dir=tokenizer_cache_dir, prediction_type=prediction_type
+            folder,
+            source,
+            tokenizer_cache_dir=tokenizer_cache_dir,
+            prediction_type=prediction_type,
+            vae_ready=vae_ready,
         )
     assert item.config is not None
     log.info("building %s%s: %s", BUILTIN_PREFIX, item.name, item.description)
     unet, vae, text_encoder = build_random_components(item.config)
+    if vae_ready is not None:
+        vae = vae_ready(vae)
     folder = config_dir(item.config)
     from diffusers import DDPMScheduler
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -15,6 +16,11 @@ if TYPE_CHECKING:
 
 # The SD1/SD2 family class under its former name (models/family.py holds the families).
 FamilyInfo = SDFamily
+
+# Called by a loader with the VAE, loaded first, before the UNet and text encoder exist; what it
+# returns becomes the bundle's VAE (models/load.py: latents are cached while only the VAE is in
+# memory).
+VaeReady = Callable[["AutoencoderKL"], "AutoencoderKL"]
 
 
 @dataclass

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from sdtrain.errors import ModelLoadError
 from sdtrain.models.assemble import assemble_bundle
-from sdtrain.models.bundle import ModelBundle, ModelSource
+from sdtrain.models.bundle import ModelBundle, ModelSource, VaeReady
 from sdtrain.models.families import Prediction, family_from_hidden_act, family_spec
 
 if TYPE_CHECKING:
@@ -159,8 +159,12 @@ def load_diffusers_folder(
     prediction_type: Prediction | None = None,
     v2: bool | None = None,
     dtypes: dict[str, torch.dtype] | None = None,
+    vae_ready: VaeReady | None = None,
 ) -> ModelBundle:
     """Load unet/vae/text_encoder of a diffusers folder; family from the text encoder.
+
+    The VAE is loaded first; `vae_ready` (when given) is called with it before the UNet and
+    text encoder exist, and its return value is the bundle's VAE (models/load.py).
 
     sd1 vs sd2 comes from the text encoder (quick_gelu = OpenAI CLIP, gelu = OpenCLIP), checked
     against the UNet's cross-attention width; `v2` contradicting it raises ModelLoadError. The
@@ -175,8 +179,10 @@ def load_diffusers_folder(
             "folder",
         )
     dtypes = dtypes or {}
-    unet = _load_component(folder, "unet", dtypes.get("unet"))
     vae = _load_component(folder, "vae", dtypes.get("vae"))
+    if vae_ready is not None:
+        vae = vae_ready(vae)
+    unet = _load_component(folder, "unet", dtypes.get("unet"))
     text_encoder = _load_component(folder, "text_encoder", dtypes.get("text_encoder"))
     family = family_from_hidden_act(str(text_encoder.config.hidden_act))
     if family is None:

@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from sdtrain.config.sections import ModelSection
 from sdtrain.errors import ConfigError, ModelLoadError, Problem
 from sdtrain.models.attention import apply_attention
-from sdtrain.models.bundle import ModelBundle, ModelSource
+from sdtrain.models.bundle import ModelBundle, ModelSource, VaeReady
 from sdtrain.models.checkpoint_file import SAFETENSORS_SUFFIXES, TORCH_SUFFIXES
 from sdtrain.models.frozen_half import HALF
+from sdtrain.models.pages import small_pages
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +52,9 @@ def _prediction_flag(v_parameterization: bool | None) -> str | None:
     return "v_prediction" if v_parameterization else "epsilon"
 
 
-def _load_base(section: ModelSection, spec: str, dtypes: dict[str, torch.dtype]) -> ModelBundle:
+def _load_base(
+    section: ModelSection, spec: str, dtypes: dict[str, torch.dtype], vae_ready: VaeReady
+) -> ModelBundle:
     kind = source_kind(spec)
     source = ModelSource(spec=spec, kind=kind)  # type: ignore[arg-type]
     prediction = _prediction_flag(section.v_parameterization)
@@ -54,7 +62,10 @@ def _load_base(section: ModelSection, spec: str, dtypes: dict[str, torch.dtype])
         from sdtrain.models.builtin import get_builtin, load_builtin
 
         bundle = load_builtin(
-            spec, tokenizer_cache_dir=section.tokenizer_cache_dir, prediction_type=prediction
+            spec,
+            tokenizer_cache_dir=section.tokenizer_cache_dir,
+            prediction_type=prediction,
+            vae_ready=vae_ready,
         )
         from sdtrain.models.diffusers_folder import check_v2_flag
 
@@ -70,6 +81,7 @@ def _load_base(section: ModelSection, spec: str, dtypes: dict[str, torch.dtype])
             v_parameterization=section.v_parameterization,
             tokenizer_cache_dir=section.tokenizer_cache_dir,
             dtypes=dtypes,
+            vae_ready=vae_ready,
         )
     from sdtrain.models.diffusers_folder import load_diffusers_folder
 
@@ -86,6 +98,7 @@ def _load_base(section: ModelSection, spec: str, dtypes: dict[str, torch.dtype])
         prediction_type=prediction,  # type: ignore[arg-type]
         v2=section.v2,
         dtypes=dtypes,
+        vae_ready=vae_ready,
     )
 
 
@@ -104,6 +117,7 @@ def load_bundle(
     dtype: torch.dtype = torch.float32,
     keep_half: bool = False,
     part_dtypes: dict[str, torch.dtype] | None = None,
+    with_vae: Callable[[AutoencoderKL], None] | None = None,
 ) -> ModelBundle:
     """Load the base model of `section` onto `device` in `dtype`, offline.
 
@@ -114,6 +128,9 @@ def load_bundle(
     `sdtrain_frozen_half`; engine/halfweights.py computes with it in fp32, bit-identically).
     part_dtypes: "unet" / "text_encoder" / "vae" loaded straight in this dtype instead (frozen
     parts the training casts to it anyway: no full-precision copy exists on the way).
+    with_vae: called with the VAE, ready to encode (replaced, cast, moved, its attention set),
+    before the UNet and text encoder are loaded: latent caching then peaks with the VAE alone
+    in memory, and whatever it frees is reused by the larger parts.
     """
     spec = section.pretrained_model_name_or_path
     if not spec:
@@ -131,18 +148,27 @@ def load_bundle(
     weights = None if keep_half else dtype  # None: the file's own dtype
     part_dtypes = part_dtypes or {}
     dtypes = {"unet": weights, "text_encoder": weights, "vae": vae_dtype, **part_dtypes}
-    bundle = _load_base(section, spec, dtypes)
-    if section.vae:
-        from sdtrain.models.vae import load_vae
 
-        log.info("replacing the VAE with %s", section.vae)
-        bundle.vae = load_vae(section.vae, bundle.vae)
+    def vae_ready(vae: AutoencoderKL) -> AutoencoderKL:
+        if section.vae:
+            from sdtrain.models.vae import load_vae
+
+            log.info("replacing the VAE with %s", section.vae)
+            vae = load_vae(section.vae, vae)
+        move_module(vae, device, dtypes["vae"])
+        apply_attention([vae], section.attention, device)
+        if with_vae is not None:
+            with_vae(vae)
+        return vae
+
+    with small_pages():  # models/pages.py: the load would wait for huge-page compaction
+        bundle = _load_base(section, spec, dtypes, vae_ready)
+    if section.vae:
         bundle.source.vae_spec = section.vae
     for name, module in (("unet", bundle.unet), ("text_encoder", bundle.text_encoder)):
         first = next(module.parameters(), None)
         half = keep_half and first is not None and first.dtype in HALF and name not in part_dtypes
         move_module(module, device, first.dtype if half else dtypes[name] or dtype)
         module.sdtrain_frozen_half = half  # type: ignore[assignment]
-    move_module(bundle.vae, device, dtypes["vae"])
-    apply_attention([bundle.unet, bundle.vae], section.attention, device)
+    apply_attention([bundle.unet], section.attention, device)
     return bundle

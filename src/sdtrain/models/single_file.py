@@ -20,7 +20,7 @@ import torch
 from sdtrain.errors import ModelLoadError
 from sdtrain.models.assemble import assemble_bundle
 from sdtrain.models.builtin import BUILTINS, asset_folder
-from sdtrain.models.bundle import ModelBundle, ModelSource
+from sdtrain.models.bundle import ModelBundle, ModelSource, VaeReady
 from sdtrain.models.checkpoint_file import CheckpointFile
 from sdtrain.models.diffusers_folder import check_v2_flag
 from sdtrain.models.families import (
@@ -167,6 +167,28 @@ def detect_prediction(
     return "v_prediction", "SD 2.x default (768-v)"
 
 
+@contextlib.contextmanager
+def _converting(path: Path) -> Iterator[None]:
+    """diffusers' single-file conversion, quiet, its failures as ModelLoadError naming `path`."""
+    try:
+        with quiet_diffusers():
+            yield
+    except ModelLoadError:
+        raise
+    except Exception as error:
+        raise ModelLoadError(
+            f"converting {path} failed: {error}",
+            hint="the file may be damaged or not an SD 1.x/2.x checkpoint",
+        ) from error
+
+
+def _check_complete(path: Path, name: str, module: torch.nn.Module) -> None:
+    if any(t.is_meta for t in module.state_dict().values()):
+        raise ModelLoadError(
+            f"{path}: the {name} was not fully loaded", hint="the file is incomplete"
+        )
+
+
 def load_single_file(
     path: Path,
     source: ModelSource,
@@ -175,13 +197,15 @@ def load_single_file(
     v_parameterization: bool | None = None,
     tokenizer_cache_dir: str | None = None,
     dtypes: dict[str, torch.dtype] | None = None,
+    vae_ready: VaeReady | None = None,
 ) -> ModelBundle:
     """Load an original-layout .safetensors / .ckpt into a ModelBundle, fully offline.
 
     EMA copies and other extra keys are ignored; missing or wrongly shaped weights raise a
     ModelLoadError that names them; `v2` contradicting the weights raises too. `dtypes` maps
     unet / vae / text_encoder to the dtype to load in (cast tensor by tensor while loading, so a
-    float16 file loaded in float16 never exists in float32).
+    float16 file loaded in float16 never exists in float32). The VAE is loaded first;
+    `vae_ready` (when given) is called with it before the UNet and text encoder exist.
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
@@ -204,37 +228,30 @@ def load_single_file(
     folder, expected = choose_config(reader, family, prediction)
     te_prefix = family_spec(family).te_prefix
     common = {"config": str(folder), "local_files_only": True}
-    try:
-        with quiet_diffusers():
-            unet_keys = [k for k in expected if k.startswith(UNET_PREFIX)]
-            unet = UNet2DConditionModel.from_single_file(
-                reader.get(unet_keys), subfolder="unet", torch_dtype=dtypes.get("unet"), **common
-            )
-            vae_keys = [k for k in expected if k.startswith(VAE_PREFIX)]
-            vae = AutoencoderKL.from_single_file(
-                reader.get(vae_keys), subfolder="vae", torch_dtype=dtypes.get("vae"), **common
-            )
-            te_keys = [k for k in expected if k.startswith(te_prefix)]
-            text_encoder = create_diffusers_clip_model_from_ldm(
-                CLIPTextModel,
-                reader.get(te_keys),
-                subfolder="text_encoder",
-                config=str(folder),
-                torch_dtype=dtypes.get("text_encoder"),
-                local_files_only=True,
-            )
-    except ModelLoadError:
-        raise
-    except Exception as error:
-        raise ModelLoadError(
-            f"converting {path} failed: {error}",
-            hint="the file may be damaged or not an SD 1.x/2.x checkpoint",
-        ) from error
-    for name, module in (("UNet", unet), ("VAE", vae), ("text encoder", text_encoder)):
-        if any(t.is_meta for t in module.state_dict().values()):
-            raise ModelLoadError(
-                f"{path}: the {name} was not fully loaded", hint="the file is incomplete"
-            )
+    with _converting(path):
+        vae_keys = [k for k in expected if k.startswith(VAE_PREFIX)]
+        vae = AutoencoderKL.from_single_file(
+            reader.get(vae_keys), subfolder="vae", torch_dtype=dtypes.get("vae"), **common
+        )
+    _check_complete(path, "VAE", vae)
+    if vae_ready is not None:  # outside _converting: its errors are its own
+        vae = vae_ready(vae)
+    with _converting(path):
+        unet_keys = [k for k in expected if k.startswith(UNET_PREFIX)]
+        unet = UNet2DConditionModel.from_single_file(
+            reader.get(unet_keys), subfolder="unet", torch_dtype=dtypes.get("unet"), **common
+        )
+        te_keys = [k for k in expected if k.startswith(te_prefix)]
+        text_encoder = create_diffusers_clip_model_from_ldm(
+            CLIPTextModel,
+            reader.get(te_keys),
+            subfolder="text_encoder",
+            config=str(folder),
+            torch_dtype=dtypes.get("text_encoder"),
+            local_files_only=True,
+        )
+    for name, module in (("UNet", unet), ("text encoder", text_encoder)):
+        _check_complete(path, name, module)
     source.kind = "single_file"
     source.path = str(path)
     source.metadata = dict(reader.metadata)

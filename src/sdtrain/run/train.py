@@ -220,69 +220,6 @@ def _check_process_count(folder: Path, processes: int) -> None:
         )
 
 
-def _data(prepared: Prepared, bundle: ModelBundle, precision_vae: Any, processes: Any) -> Any:
-    """TrainDataset over the plan, with latents cached (memory/disk) when asked."""
-    from sdtrain.data.dataset import TrainDataset
-
-    cfg = prepared.loaded.config
-    t = cfg.training
-    steps = prepared.plan.steps
-    assert steps is not None
-    store = index = None
-    if t.cache_latents:
-        import contextlib
-
-        from sdtrain.data.latent_store import LatentStore, default_cache_dir
-        from sdtrain.engine.latents import fill_store
-
-        folder = (
-            (Path(t.latent_cache_dir) if t.latent_cache_dir else default_cache_dir())
-            if t.cache_latents_to_disk
-            else None
-        )
-        store = LatentStore(folder)
-        # a disk cache is written by the main process; the others then read it back
-        order = processes.main_first() if folder is not None else contextlib.nullcontext()
-        with order:
-            report = fill_store(
-                prepared.plan.datasets,
-                bundle.vae,
-                store,
-                precision_vae,
-                batch_size=t.vae_batch_size,
-            )
-        logger.info("latents: %d encoded, %d reused from the cache", report.encoded, report.reused)
-        index = report.index
-    workers = 0 if t.cache_latents else min(t.max_data_loader_n_workers, os.cpu_count() or 1)
-    asked = any(
-        prepared.loaded.origin("training", key) != "default"
-        for key in ("max_data_loader_n_workers", "persistent_data_loader_workers")
-    )
-    if (
-        t.cache_latents
-        and asked
-        and (t.max_data_loader_n_workers or t.persistent_data_loader_workers)
-    ):
-        logger.info(
-            "cache_latents: batches come from the latent cache in the main process, so "
-            "max_data_loader_n_workers (%d) / persistent_data_loader_workers are not used",
-            t.max_data_loader_n_workers,
-        )
-    data = TrainDataset(
-        prepared.plan.datasets,
-        prepared.seed,
-        steps.total_steps,
-        store,
-        index,
-        workers=workers,
-        persistent_workers=t.persistent_data_loader_workers,
-        num_processes=processes.count,
-        process_index=processes.index,
-    )
-    data.steps = steps
-    return data
-
-
 # "1": keep a half model file's frozen weights half in fp32 LoRA runs (opt-in: measured 0.70x
 # peak RSS but +26 % CPU time per step on SD1.5, so not the default; README "Speed")
 FROZEN_HALF_ENV = "SDTRAIN_FROZEN_HALF"
@@ -318,35 +255,6 @@ def _part_dtypes(method: Any, precision: Any) -> dict[str, Any]:
     return {part: precision.vae if part == "vae" else precision.weight for part in parts}
 
 
-def _all_latents_cached(data: Any) -> bool:
-    """True when every sample (and its flipped twin under flip_aug) has a cached latent."""
-    for index, (plan, samples) in enumerate(zip(data.datasets, data.samples, strict=True)):
-        for ref in samples:
-            subset = plan.subsets[ref.subset]
-            for flip in (False, True) if subset.params.get("flip_aug") else (False,):
-                if (index, ref.subset, ref.image, flip) not in data.latent_keys:
-                    return False
-    return True
-
-
-def _free_vae(bundle: ModelBundle, data: Any, needed: bool, main: bool, folder: Path) -> None:
-    """Free the VAE's memory once every latent is cached: release it when nothing needs it again
-    (no samples, an export without it, or a process that neither saves nor samples), else park
-    it on disk until a save or a sampling event (models/park.py)."""
-    if not _all_latents_cached(data):
-        return
-    from sdtrain.models.release import release_weights
-
-    if not needed:
-        release_weights(bundle.vae, "the VAE", "every latent is cached and no samples are drawn")
-    elif not main:
-        release_weights(bundle.vae, "the VAE", "only the main process saves and samples")
-    else:
-        from sdtrain.models.park import park_weights
-
-        park_weights(bundle.vae, folder, "the VAE")
-
-
 def execute(prepared: Prepared, resume_hint: str) -> TrainResult:
     """Hold the output folder's run lock (one run per folder), then load the model and train."""
     from sdtrain.run.lock import hold_run_folder
@@ -371,6 +279,7 @@ def _execute(prepared: Prepared, resume_hint: str) -> TrainResult:
     from sdtrain.models.conv_path import use_gemm_convolutions
     from sdtrain.models.load import load_bundle
     from sdtrain.run.facts import collect_facts
+    from sdtrain.run.train_data import free_vae, training_data
 
     cfg = prepared.loaded.config
     prepared.plan.require_valid()
@@ -398,11 +307,22 @@ def _execute(prepared: Prepared, resume_hint: str) -> TrainResult:
         from sdtrain.engine.cpu_bf16 import warn_if_emulated
 
         warn_if_emulated()
+    early: dict[str, Any] = {}  # the dataset, when its latents were cached during the load
+    vae_needed = bool(load_prompts(cfg.sample, 512)) or getattr(method, "export_needs_vae", True)
+
+    def cache_first(vae: Any) -> None:
+        early["data"] = training_data(prepared, vae, precision.vae, processes)
+        free_vae(vae, early["data"], vae_needed, processes.is_main, output_dir)
+
+    # class images to generate need the whole model first, and their latents after that
+    class_images = _class_image_plan(prepared.loaded, prepared.command)
+    latents_first = cfg.training.cache_latents and not (class_images and class_images.indices)
     bundle = load_bundle(
         cfg.model,
         device=device_of(accelerator),
         keep_half=_keep_half(cfg, method, precision),
         part_dtypes=_part_dtypes(method, precision),
+        with_vae=cache_first if latents_first else None,
     )
     _fill_class_images(prepared, bundle, processes)
     use_gemm_convolutions(bundle.unet)  # training only: generate keeps torch's kernels
@@ -412,7 +332,11 @@ def _execute(prepared: Prepared, resume_hint: str) -> TrainResult:
     if processes.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         write_text(output_dir / "config.toml", text)
-    data = _data(prepared, bundle, precision.vae, processes)
+    data = (
+        early["data"]
+        if "data" in early
+        else training_data(prepared, bundle.vae, precision.vae, processes)
+    )
     trackers = (
         Trackers(cfg.logging, f"sdtrain-{prepared.command}", current)
         if (cfg.logging.log_with or cfg.logging.logging_dir) and processes.is_main
@@ -435,9 +359,8 @@ def _execute(prepared: Prepared, resume_hint: str) -> TrainResult:
         if prompts
         else None
     )
-    if cfg.training.cache_latents:
-        needed = bool(prompts) or getattr(method, "export_needs_vae", True)
-        _free_vae(bundle, data, needed, processes.is_main, output_dir)
+    if cfg.training.cache_latents and "data" not in early:
+        free_vae(bundle.vae, data, vae_needed, processes.is_main, output_dir)
     holder: dict[str, Any] = {}
 
     def metadata(step: int, epoch: int) -> dict[str, str]:
