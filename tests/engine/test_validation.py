@@ -98,3 +98,32 @@ def test_validation_loss_cadence_best_file_and_unchanged_training(cli, tmp_path)
     # the same weights give the same validation loss (fixed timesteps and noise)
     at_six = [r["loss/validation"] for r in metrics(three) if "loss/validation" in r][-1]
     assert at_six == validations[-1]["loss/validation"]
+
+
+def test_cached_latents_cover_the_held_out_images(cli, tmp_path, monkeypatch):
+    """With cache_latents the held-out images are cached too, so the VAE can be released after
+    caching and every evaluation still runs (it used to call the released VAE)."""
+    import math
+
+    import sdtrain.models.release as release
+
+    released = []
+    real = release.release_weights
+    monkeypatch.setattr(
+        release, "release_weights", lambda m, what, why: released.append(what) or real(m, what, why)
+    )
+    data = make_dataset(tmp_path, images=6)
+    out = tmp_path / "out"
+    config = write_config(
+        tmp_path / "run.toml",
+        data,
+        out,
+        training={"max_train_steps": 4, "validate_every_n_steps": 2, "cache_latents": True},
+        dataset={"validation_split": 0.34, "shuffle_caption": False, "caption_dropout_rate": 0.0},
+        saving={"save_state": False, "save_state_on_train_end": False},
+    )
+    result = cli(["train", "lora", str(config)])
+    assert result.exit_code == 0, result.output
+    assert released == ["the VAE"]
+    values = [r["loss/validation"] for r in metrics(out) if "loss/validation" in r]
+    assert len(values) == 2 and all(math.isfinite(v) for v in values)

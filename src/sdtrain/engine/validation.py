@@ -118,11 +118,15 @@ class Validator:
         training: TrainingSection,
         output_dir: Path,
         resumed_step: int | None = None,
+        latents: tuple[Any, dict] | None = None,
     ) -> None:
+        """latents: (store, index) of the held-out images' cached latents, indexed like
+        `validation_plans(datasets)`; without them the images are encoded at every evaluation."""
         from sdtrain.data.dataset import TrainDataset
 
         plans = validation_plans(datasets)
-        self.data = TrainDataset(plans, seed, 1) if plans else None
+        store, index = latents if latents is not None else (None, None)
+        self.data = TrainDataset(plans, seed, 1, store, index) if plans else None
         self.seed = next((p.validation_seed for p in datasets if p.validation), None) or seed
         self.every_steps = training.validate_every_n_steps
         self.every_epochs = training.validate_every_n_epochs or (None if self.every_steps else 1)

@@ -312,7 +312,7 @@ def _execute(prepared: Prepared, resume_hint: str) -> TrainResult:
 
     def cache_first(vae: Any) -> None:
         early["data"] = training_data(prepared, vae, precision.vae, processes)
-        free_vae(vae, early["data"], vae_needed, processes.is_main, output_dir)
+        free_vae(vae, early["data"][0], vae_needed, processes.is_main, output_dir)
 
     # class images to generate need the whole model first, and their latents after that
     class_images = _class_image_plan(prepared.loaded, prepared.command)
@@ -332,7 +332,7 @@ def _execute(prepared: Prepared, resume_hint: str) -> TrainResult:
     if processes.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         write_text(output_dir / "config.toml", text)
-    data = (
+    data, held_out = (
         early["data"]
         if "data" in early
         else training_data(prepared, bundle.vae, precision.vae, processes)
@@ -375,7 +375,7 @@ def _execute(prepared: Prepared, resume_hint: str) -> TrainResult:
             )
         return training_metadata(holder["facts"], step, epoch)
 
-    validator = _validator(prepared, output_dir, state)
+    validator = _validator(prepared, output_dir, state, held_out)
     sections = EngineSections(cfg.training, cfg.optimizer, cfg.saving, cfg.logging)
     trainer = Trainer(
         method,
@@ -402,7 +402,7 @@ def _execute(prepared: Prepared, resume_hint: str) -> TrainResult:
         processes.close()
 
 
-def _validator(prepared: Prepared, output_dir: Path, state: Any) -> Any:
+def _validator(prepared: Prepared, output_dir: Path, state: Any, held_out: Any) -> Any:
     """The validation hook when a dataset holds out a split (validation_split), else None."""
     if not any(d.validation for d in prepared.plan.datasets):
         return None
@@ -410,7 +410,12 @@ def _validator(prepared: Prepared, output_dir: Path, state: Any) -> Any:
 
     resumed = state.counters.global_step if state is not None else None
     return Validator(
-        prepared.plan.datasets, prepared.seed, prepared.loaded.config.training, output_dir, resumed
+        prepared.plan.datasets,
+        prepared.seed,
+        prepared.loaded.config.training,
+        output_dir,
+        resumed,
+        (held_out.store, held_out.index) if held_out is not None else None,
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -13,15 +14,29 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def training_data(prepared: Prepared, vae: Any, precision_vae: Any, processes: Any) -> Any:
-    """TrainDataset over the plan, with latents cached (memory/disk) by `vae` when asked."""
+@dataclass(frozen=True)
+class HeldOut:
+    """The validation split's cached latents: the store and (dataset, subset, image, flip) ->
+    store key, indexed like engine/validation.py's `validation_plans`."""
+
+    store: Any
+    index: dict[tuple[int, int, int, bool], str]
+
+
+def training_data(
+    prepared: Prepared, vae: Any, precision_vae: Any, processes: Any
+) -> tuple[Any, HeldOut | None]:
+    """TrainDataset over the plan, with latents cached (memory/disk) by `vae` when asked; with
+    them, the held-out validation images' latents too (read without augmentation, so always
+    cacheable), so that validation never needs the VAE that caching lets go."""
     from sdtrain.data.dataset import TrainDataset
+    from sdtrain.engine.validation import validation_plans
 
     cfg = prepared.loaded.config
     t = cfg.training
     steps = prepared.plan.steps
     assert steps is not None
-    store = index = None
+    store = index = held_out = None
     if t.cache_latents:
         import contextlib
 
@@ -44,6 +59,10 @@ def training_data(prepared: Prepared, vae: Any, precision_vae: Any, processes: A
                 precision_vae,
                 batch_size=t.vae_batch_size,
             )
+            plans = validation_plans(prepared.plan.datasets)
+            if plans:
+                held = fill_store(plans, vae, store, precision_vae, batch_size=t.vae_batch_size)
+                held_out = HeldOut(store, held.index)
         logger.info("latents: %d encoded, %d reused from the cache", report.encoded, report.reused)
         index = report.index
     workers = 0 if t.cache_latents else min(t.max_data_loader_n_workers, os.cpu_count() or 1)
@@ -73,7 +92,7 @@ def training_data(prepared: Prepared, vae: Any, precision_vae: Any, processes: A
         process_index=processes.index,
     )
     data.steps = steps
-    return data
+    return data, held_out
 
 
 def all_latents_cached(data: Any) -> bool:
