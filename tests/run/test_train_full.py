@@ -480,3 +480,32 @@ def test_samples_with_the_vae_parked_equal_samples_without(run_dir, cli, monkeyp
     assert len(ours) == len(theirs) >= 2
     for a, b in zip(ours, theirs, strict=True):
         assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b))), a.name
+
+
+def test_class_images_then_cached_latents(run_dir, cli, monkeypatch):
+    """Class images to generate need the whole model first: latents are then cached after the
+    load (not during it), the generated images included, and the VAE waits on disk."""
+    import sdtrain.models.load as load
+    import sdtrain.models.park as park
+
+    hooks: list[bool] = []
+    real_load = load.load_bundle
+
+    def spy(*args, with_vae=None, **kwargs):
+        hooks.append(with_vae is not None)
+        return real_load(*args, with_vae=with_vae, **kwargs)
+
+    monkeypatch.setattr(load, "load_bundle", spy)
+    parked: list[bool] = []
+    real = park.park_weights
+    monkeypatch.setattr(park, "park_weights", lambda *a: parked.append(real(*a)) or parked[-1])
+    keys = (
+        'class_data_dir = "reg"\nnum_class_images = 3\nclass_prompt = "pattern"\n'
+        "class_sample_steps = 2\nclass_resolution = 64\n"
+    )
+    (run_dir / "db.toml").write_text(DB.replace("[dreambooth]\n", "[dreambooth]\n" + keys))
+    result = cli(["train", "dreambooth", str(run_dir / "db.toml"), "--cache_latents"])
+    assert result.exit_code == 0, result.output
+    assert hooks == [False] and parked == [True]
+    assert len(list((run_dir / "reg").glob("class-*.png"))) == 1  # 2 there, 1 generated
+    assert (run_dir / "out" / "db" / "model_index.json").is_file()  # a builtin saves a folder
