@@ -64,6 +64,10 @@ def training_data(
                 held = fill_store(plans, vae, store, precision_vae, batch_size=t.vae_batch_size)
                 held_out = HeldOut(store, held.index)
         logger.info("latents: %d encoded, %d reused from the cache", report.encoded, report.reused)
+        if held_out is not None:
+            logger.info(
+                "latents of the held-out images: %d encoded, %d reused", held.encoded, held.reused
+            )
         index = report.index
     workers = 0 if t.cache_latents else min(t.max_data_loader_n_workers, os.cpu_count() or 1)
     asked = any(
