@@ -13,120 +13,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from full_runs import DB, FT, _tiny_config
 from safetensors.torch import load_file, save_file
-
-DB = """
-[model]
-pretrained_model_name_or_path = "builtin:tiny-sd1"
-
-[training]
-output_dir = "out"
-output_name = "db"
-max_train_steps = 4
-train_batch_size = 2
-seed = 3
-max_data_loader_n_workers = 0
-
-[optimizer]
-learning_rate = 1e-3
-
-[dreambooth]
-learning_rate_te = 1e-4
-
-[saving]
-save_every_n_steps = 2
-
-[general]
-resolution = 64
-caption_extension = ".txt"
-
-[[datasets]]
-[[datasets.subsets]]
-image_dir = "imgs"
-num_repeats = 2
-
-[[datasets.subsets]]
-image_dir = "reg"
-is_reg = true
-class_tokens = "pattern"
-"""
-
-FT = """
-[model]
-pretrained_model_name_or_path = "builtin:tiny-sd1"
-
-[training]
-output_dir = "out"
-output_name = "ft"
-max_train_steps = 3
-train_batch_size = 2
-seed = 5
-max_data_loader_n_workers = 0
-
-[optimizer]
-learning_rate = 1e-3
-
-[finetune]
-
-[general]
-resolution = 64
-
-[[datasets]]
-[[datasets.subsets]]
-metadata_file = "imgs/meta.json"
-image_dir = "imgs"
-"""
-
-
-def _images(folder: Path, count: int, caption: str, seed: int) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i in range(count):
-        pixels = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(folder / f"{i}.png")
-        (folder / f"{i}.txt").write_text(f"{caption} {i}")
-
-
-@pytest.fixture
-def run_dir(tmp_path: Path) -> Path:
-    _images(tmp_path / "imgs", 3, "shs pattern", 0)
-    _images(tmp_path / "reg", 2, "pattern", 1)
-    meta = {f"{i}.png": {"caption": f"a pattern {i}", "tags": "blue, square"} for i in range(3)}
-    (tmp_path / "imgs" / "meta.json").write_text(json.dumps(meta))
-    (tmp_path / "db.toml").write_text(DB)
-    (tmp_path / "ft.toml").write_text(FT)
-    return tmp_path
-
-
-@pytest.fixture
-def captured(monkeypatch):
-    import sdtrain.models.load as load
-
-    box: dict = {}
-    real = load.load_bundle
-
-    def keep(*args, with_vae=None, **kwargs):
-        def snapshot(vae):  # before latent caching may release or park it (models/load.py)
-            box["vae"] = {f"vae.{n}": p.detach().clone() for n, p in vae.named_parameters()}
-            if with_vae is not None:
-                with_vae(vae)
-
-        bundle = real(*args, with_vae=snapshot, **kwargs)
-        box["bundle"] = bundle
-        box["before"] = {
-            f"{part}.{name}": p.detach().clone()
-            for part in ("unet", "text_encoder")
-            for name, p in getattr(bundle, part).named_parameters()
-        }
-        box["before"].update(box["vae"])
-        return bundle
-
-    monkeypatch.setattr(load, "load_bundle", keep)
-    return box
 
 
 def _changed(box: dict, part: str) -> int:
@@ -135,12 +25,6 @@ def _changed(box: dict, part: str) -> int:
         not torch.equal(p.detach(), box["before"][f"{part}.{name}"])
         for name, p in module.named_parameters()
     )
-
-
-def _tiny_config() -> str:
-    from sdtrain.models.families import config_dir
-
-    return str(config_dir("tiny-sd1"))
 
 
 def _assert_equal_to_live(pipe, bundle) -> None:
@@ -428,84 +312,3 @@ def test_adafactor_fused_backward_trains_end_to_end(run_dir, cli, captured):
     assert _changed(captured, "unet") > 0 and _changed(captured, "text_encoder") > 0
     records = (run_dir / "out" / "metrics.jsonl").read_text().splitlines()
     assert len(records) == 4 and all("nonfinite" not in line for line in records)
-
-
-def test_parked_vae_is_saved_bit_identical(run_dir, cli, captured, monkeypatch):
-    """With every latent cached the VAE waits on disk during training; the save has it intact."""
-    from diffusers import StableDiffusionPipeline
-
-    import sdtrain.models.park as park
-
-    parked: list[bool] = []
-    real = park.park_weights
-    monkeypatch.setattr(park, "park_weights", lambda *a: parked.append(real(*a)) or parked[-1])
-    args = ["train", "dreambooth", str(run_dir / "db.toml"), "--cache_latents"]
-    result = cli([*args, "--save_model_as", "safetensors"])
-    assert result.exit_code == 0, result.output
-    assert parked == [True]
-    vae = captured["bundle"].vae
-    assert vae.encoder.conv_in.weight.numel() == 0  # still parked after the run
-    pipe = StableDiffusionPipeline.from_single_file(
-        str(run_dir / "out" / "db.safetensors"),
-        config=_tiny_config(),
-        local_files_only=True,
-        tokenizer=captured["bundle"].tokenizer,
-        safety_checker=None,
-        requires_safety_checker=False,
-    )
-    saved = pipe.vae.state_dict()
-    for name, value in captured["before"].items():
-        if name.startswith("vae."):
-            assert torch.equal(saved[name.removeprefix("vae.")], value), name
-
-
-def test_samples_with_the_vae_parked_equal_samples_without(run_dir, cli, monkeypatch):
-    import sdtrain.models.park as park
-
-    (run_dir / "prompts.txt").write_text("shs pattern --d 5 --s 2 --w 64 --h 64\n")
-    args = ["--cache_latents", "--sample_prompts", str(run_dir / "prompts.txt")]
-    args += ["--sample_every_n_steps", "2", "--sample_sampler", "euler_a"]
-    parked: list[bool] = []
-    real = park.park_weights
-    monkeypatch.setattr(park, "park_weights", lambda *a: parked.append(real(*a)) or parked[-1])
-    result = cli(["train", "dreambooth", str(run_dir / "db.toml"), *args])
-    assert result.exit_code == 0, result.output
-    assert parked == [True]
-    (run_dir / "out").rename(run_dir / "parked")
-    monkeypatch.setattr(park, "park_weights", lambda *a: False)  # kept in memory
-    result = cli(["train", "dreambooth", str(run_dir / "db.toml"), *args])
-    assert result.exit_code == 0, result.output
-    ours = sorted((run_dir / "parked" / "sample").glob("*.png"))
-    theirs = sorted((run_dir / "out" / "sample").glob("*.png"))
-    assert len(ours) == len(theirs) >= 2
-    for a, b in zip(ours, theirs, strict=True):
-        assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b))), a.name
-
-
-def test_class_images_then_cached_latents(run_dir, cli, monkeypatch):
-    """Class images to generate need the whole model first: latents are then cached after the
-    load (not during it), the generated images included, and the VAE waits on disk."""
-    import sdtrain.models.load as load
-    import sdtrain.models.park as park
-
-    hooks: list[bool] = []
-    real_load = load.load_bundle
-
-    def spy(*args, with_vae=None, **kwargs):
-        hooks.append(with_vae is not None)
-        return real_load(*args, with_vae=with_vae, **kwargs)
-
-    monkeypatch.setattr(load, "load_bundle", spy)
-    parked: list[bool] = []
-    real = park.park_weights
-    monkeypatch.setattr(park, "park_weights", lambda *a: parked.append(real(*a)) or parked[-1])
-    keys = (
-        'class_data_dir = "reg"\nnum_class_images = 3\nclass_prompt = "pattern"\n'
-        "class_sample_steps = 2\nclass_resolution = 64\n"
-    )
-    (run_dir / "db.toml").write_text(DB.replace("[dreambooth]\n", "[dreambooth]\n" + keys))
-    result = cli(["train", "dreambooth", str(run_dir / "db.toml"), "--cache_latents"])
-    assert result.exit_code == 0, result.output
-    assert hooks == [False] and parked == [True]
-    assert len(list((run_dir / "reg").glob("class-*.png"))) == 1  # 2 there, 1 generated
-    assert (run_dir / "out" / "db" / "model_index.json").is_file()  # a builtin saves a folder
