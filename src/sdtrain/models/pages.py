@@ -26,9 +26,13 @@ def _prctl() -> object | None:
     if not sys.platform.startswith("linux"):
         return None
     try:
-        return ctypes.CDLL(None, use_errno=True).prctl
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
         return None
+    # prctl(int option, unsigned long arg2, ...): unused arguments must be 0 in all 64 bits
+    prctl.argtypes = [ctypes.c_int, *[ctypes.c_ulong] * 4]
+    prctl.restype = ctypes.c_int
+    return prctl
 
 
 def huge_pages_disabled() -> bool | None:
