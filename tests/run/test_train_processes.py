@@ -35,7 +35,6 @@ def test_class_images_are_generated_by_the_main_process_only(monkeypatch, is_mai
     import sdtrain.tools.class_images
 
     processes = FakeProcesses(is_main)
-    monkeypatch.setattr(train, "_class_image_plan", lambda *_: SimpleNamespace(indices=(0, 1)))
 
     def fill(*_args, **_kwargs):
         processes.events.append("generate")
@@ -50,7 +49,8 @@ def test_class_images_are_generated_by_the_main_process_only(monkeypatch, is_mai
     prepared = SimpleNamespace(
         loaded=SimpleNamespace(config=config), command="dreambooth", state_config={}
     )
-    train._fill_class_images(prepared, None, processes)  # type: ignore[arg-type]
+    plan = SimpleNamespace(indices=(0, 1))
+    train._fill_class_images(prepared, None, processes, plan)  # type: ignore[arg-type]
     if is_main:
         assert processes.events == ["generate", "barrier", "plan write_caches=True"]
     else:  # waits for the main process's images, then only reads

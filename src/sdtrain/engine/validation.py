@@ -118,15 +118,16 @@ class Validator:
         training: TrainingSection,
         output_dir: Path,
         resumed_step: int | None = None,
-        latents: tuple[Any, dict] | None = None,
+        store: Any = None,
+        latent_keys: dict[tuple[int, int, int, bool], str] | None = None,
     ) -> None:
-        """latents: (store, index) of the held-out images' cached latents, indexed like
-        `validation_plans(datasets)`; without them the images are encoded at every evaluation."""
+        """store / latent_keys: the held-out images' cached latents, keyed as
+        `validation_plans(datasets)` numbers them; without them the images are encoded at every
+        evaluation."""
         from sdtrain.data.dataset import TrainDataset
 
         plans = validation_plans(datasets)
-        store, index = latents if latents is not None else (None, None)
-        self.data = TrainDataset(plans, seed, 1, store, index) if plans else None
+        self.data = TrainDataset(plans, seed, 1, store, latent_keys) if plans else None
         self.seed = next((p.validation_seed for p in datasets if p.validation), None) or seed
         self.every_steps = training.validate_every_n_steps
         self.every_epochs = training.validate_every_n_epochs or (None if self.every_steps else 1)

@@ -4,7 +4,7 @@ Why: `sdtrain train` runs with glibc's `hugetlb=1` tunable (cli/allocator.py), s
 asks for transparent huge pages. When the page cache is full (the model file was just read),
 the kernel must compact memory to find each 2 MiB page, and it does that at the page fault.
 Measured on the full SD1.5 architecture, fp16 folder loaded as fp32, 2-vCPU EPYC: the load
-took 9.9-11.6 s with huge pages against 3.3-3.6 s with 4 KiB pages, for the same peak RSS.
+alone took 5.3-10.2 s with huge pages against 3.3-3.6 s with 4 KiB pages, for the same peak RSS.
 `small_pages()` switches transparent huge pages off for the process (Linux
 `prctl(PR_SET_THP_DISABLE)`) for the length of the load, and back on after it, so the training
 step's buffers still get them. Off Linux, or where the process already had them off, it does

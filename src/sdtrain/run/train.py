@@ -137,8 +137,11 @@ def _class_image_plan(loaded: LoadedConfig, command: str) -> Any:
     return plan_class_images(loaded.config.dreambooth)  # type: ignore[attr-defined]
 
 
-def _fill_class_images(prepared: Prepared, bundle: ModelBundle, processes: Processes) -> None:
-    """Generate missing class images with the loaded base model, then re-plan the data.
+def _fill_class_images(
+    prepared: Prepared, bundle: ModelBundle, processes: Processes, plan: Any
+) -> None:
+    """Generate `plan`'s missing class images (`_class_image_plan`) with the loaded base model,
+    then re-plan the data.
 
     The main process generates and writes them; the others wait, then find every image
     present (nothing left to generate) and re-plan without writing size caches."""
@@ -146,7 +149,6 @@ def _fill_class_images(prepared: Prepared, bundle: ModelBundle, processes: Proce
     from sdtrain.engine.resume import data_fingerprint
     from sdtrain.tools.class_images import fill_class_images
 
-    plan = _class_image_plan(prepared.loaded, prepared.command)
     if plan is None or not plan.indices:
         return
     cfg = prepared.loaded.config
@@ -324,7 +326,7 @@ def _execute(prepared: Prepared, resume_hint: str) -> TrainResult:
         part_dtypes=_part_dtypes(method, precision),
         with_vae=cache_first if latents_first else None,
     )
-    _fill_class_images(prepared, bundle, processes)
+    _fill_class_images(prepared, bundle, processes, class_images)
     use_gemm_convolutions(bundle.unet)  # training only: generate keeps torch's kernels
     steps = prepared.plan.steps
     assert steps is not None
@@ -375,7 +377,7 @@ def _execute(prepared: Prepared, resume_hint: str) -> TrainResult:
             )
         return training_metadata(holder["facts"], step, epoch)
 
-    validator = _validator(prepared, output_dir, state, held_out)
+    validator = _validator(prepared, output_dir, state, data.store, held_out)
     sections = EngineSections(cfg.training, cfg.optimizer, cfg.saving, cfg.logging)
     trainer = Trainer(
         method,
@@ -402,7 +404,9 @@ def _execute(prepared: Prepared, resume_hint: str) -> TrainResult:
         processes.close()
 
 
-def _validator(prepared: Prepared, output_dir: Path, state: Any, held_out: Any) -> Any:
+def _validator(
+    prepared: Prepared, output_dir: Path, state: Any, store: Any, held_out: dict | None
+) -> Any:
     """The validation hook when a dataset holds out a split (validation_split), else None."""
     if not any(d.validation for d in prepared.plan.datasets):
         return None
@@ -415,7 +419,8 @@ def _validator(prepared: Prepared, output_dir: Path, state: Any, held_out: Any) 
         prepared.loaded.config.training,
         output_dir,
         resumed,
-        (held_out.store, held_out.index) if held_out is not None else None,
+        store if held_out is not None else None,
+        held_out,
     )
 
 

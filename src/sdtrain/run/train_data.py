@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,21 +13,15 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class HeldOut:
-    """The validation split's cached latents: the store and (dataset, subset, image, flip) ->
-    store key, indexed like engine/validation.py's `validation_plans`."""
-
-    store: Any
-    index: dict[tuple[int, int, int, bool], str]
-
-
 def training_data(
     prepared: Prepared, vae: Any, precision_vae: Any, processes: Any
-) -> tuple[Any, HeldOut | None]:
-    """TrainDataset over the plan, with latents cached (memory/disk) by `vae` when asked; with
-    them, the held-out validation images' latents too (read without augmentation, so always
-    cacheable), so that validation never needs the VAE that caching lets go."""
+) -> tuple[Any, dict[tuple[int, int, int, bool], str] | None]:
+    """(TrainDataset over the plan, held-out index). With `cache_latents` the latents are cached
+    (memory/disk) by `vae`, and so are the held-out validation images' (read without
+    augmentation, so always cacheable): the index maps their (dataset, subset, image, flip), as
+    engine/validation.py's `validation_plans` numbers them, to keys of the dataset's `store`, so
+    that validation never needs the VAE that caching lets go. None without cached latents or a
+    split."""
     from sdtrain.data.dataset import TrainDataset
     from sdtrain.engine.validation import validation_plans
 
@@ -51,6 +44,7 @@ def training_data(
         store = LatentStore(folder)
         # a disk cache is written by the main process; the others then read it back
         order = processes.main_first() if folder is not None else contextlib.nullcontext()
+        plans = validation_plans(prepared.plan.datasets)
         with order:
             report = fill_store(
                 prepared.plan.datasets,
@@ -59,16 +53,18 @@ def training_data(
                 precision_vae,
                 batch_size=t.vae_batch_size,
             )
-            plans = validation_plans(prepared.plan.datasets)
-            if plans:
-                held = fill_store(plans, vae, store, precision_vae, batch_size=t.vae_batch_size)
-                held_out = HeldOut(store, held.index)
+            held = (
+                fill_store(plans, vae, store, precision_vae, batch_size=t.vae_batch_size)
+                if plans
+                else None
+            )
         logger.info("latents: %d encoded, %d reused from the cache", report.encoded, report.reused)
-        if held_out is not None:
+        index = report.index
+        if held is not None:
             logger.info(
                 "latents of the held-out images: %d encoded, %d reused", held.encoded, held.reused
             )
-        index = report.index
+            held_out = held.index
     workers = 0 if t.cache_latents else min(t.max_data_loader_n_workers, os.cpu_count() or 1)
     asked = any(
         prepared.loaded.origin("training", key) != "default"
