@@ -6,10 +6,12 @@ sdtrain's LoraNetwork (fp32 adapters), autocast, cached latents (random, 4 x 64 
 DDPM noise, MSE loss, grad clipping 1.0, AdamW. Random weights (timing only).
 
 Variants (cumulative, in this order):
-  eager       what the engine does today: loss and the grad norm read on the host every step
-              (`float(loss)`, `isfinite(norm)`), foreach AdamW
+  eager       the engine with host_sync = every_step: loss and the grad norm read on the host
+              every step (`float(loss)`, `isfinite(norm)`), foreach AdamW
   nosync      no host read inside the step (losses stay on the device, read once at the end)
-  fused       + AdamW(fused=True) with a device-side non-finite skip (found_inf, as GradScaler)
+  fused       + AdamW(fused=True) with a device-side non-finite skip (found_inf, as GradScaler):
+              what the engine does on CUDA by default (host_sync = auto -> deferred, where the
+              values are read one step later; engine/host_sync.py)
   compile     + torch.compile(unet) (default mode)
   cudagraphs  + torch.compile(unet, mode="reduce-overhead") (CUDA graphs; one graph per shape,
               cudagraph_mark_step_begin() per step)

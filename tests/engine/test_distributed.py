@@ -119,6 +119,47 @@ def test_ctrl_c_in_a_two_process_run_writes_one_state_and_resume_is_exact(
     assert_same_training(two_straight, out)
 
 
+def test_a_deferred_two_process_run_is_the_every_step_one_bit_for_bit(
+    tmp_path, run_data, two_straight
+):
+    """host_sync = deferred on two processes: the agreed loss, finite flag and stop flag are
+    all-reduced on the device and read a step later; files, states and records are the same."""
+    out = tmp_path / "out"
+    training = {"host_sync": "deferred"}
+    config = write_config(
+        tmp_path / "run.toml", run_data, out, network=NO_DROPOUT, training=training
+    )
+    run(two_process_args(config), tmp_path / "log.txt")
+    assert_same_training(two_straight, out)
+
+
+def test_ctrl_c_in_a_deferred_two_process_run_stops_everywhere_at_one_step(
+    tmp_path, run_data, two_straight
+):
+    """The stop agreed on the device is read with the step (one step later than every_step),
+    at the same step on every process: one state, and resume is exact."""
+    out = tmp_path / "out"
+    training = {"host_sync": "deferred"}
+    config = write_config(
+        tmp_path / "run.toml", run_data, out, network=NO_DROPOUT, training=training
+    )
+    log = tmp_path / "log.txt"
+    proc = start(two_process_args(config), log)
+    records = out / "metrics.jsonl"
+    wait_until(proc, lambda: records.exists() and records.stat().st_size > 0)
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=300) != 0
+    text = read_log(log)
+    state = find_latest_state(out)
+    assert state is not None
+    stopped = load_counters(state).global_step
+    assert 1 <= stopped < STEPS
+    assert text.count("stopped after step") == 1
+    assert [r["step"] for r in metrics(out)] == list(range(1, stopped + 1))
+    run([*two_process_args(config), "--resume", "auto"], tmp_path / "log2.txt")
+    assert_same_training(two_straight, out)
+
+
 def test_a_state_resumes_only_on_its_process_count(cli, tmp_path, run_data, two_straight):
     state = two_straight / "t-step00000004-state"
     config = write_config(

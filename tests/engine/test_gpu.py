@@ -96,3 +96,55 @@ def test_sdpa_is_the_attention_on_cuda(tmp_path):
     with torch.no_grad():
         out = bundle.unet(sample, torch.tensor([500], device="cuda"), context).sample
     assert out.shape == sample.shape and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("precision", ["no", "fp16", "bf16"])
+def test_a_deferred_step_never_waits_for_the_gpu(cli, tmp_path, monkeypatch, run_data, precision):
+    """host_sync = deferred (the CUDA default): from a micro-batch's forward to its window's
+    optimizer step nothing reads the device (torch's sync debug mode raises on any such read);
+    the reads happen when the step is settled, one step later."""
+    from sdtrain.engine.loop import Trainer
+
+    def strict(name):
+        real = getattr(Trainer, name)
+
+        def wrapped(self, *args, **kwargs):
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return real(self, *args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+
+        monkeypatch.setattr(Trainer, name, wrapped)
+
+    for name in ("ctx_loss", "_agree_on_device", "_backward", "_deferred_step"):
+        strict(name)
+    out = tmp_path / "out"
+    training = {"mixed_precision": precision, "host_sync": "deferred"}
+    config = write_config(tmp_path / "run.toml", run_data, out, training=training)
+    train(cli, config)
+    _records_ok(out)
+
+
+def test_deferred_and_every_step_skip_the_same_steps_on_cuda(cli, tmp_path, monkeypatch, run_data):
+    """An fp16 overflow (scaler warm-up) in step 1 and a NaN loss in step 3: both modes record
+    the same outcomes (values may differ in the last bits between CUDA runs)."""
+    outcomes = {}
+    for mode in ("every_step", "deferred"):
+        out = tmp_path / mode
+        training = {"mixed_precision": "fp16", "host_sync": mode, "max_nonfinite_steps": 2}
+        config = write_config(tmp_path / f"{mode}.toml", run_data, out, training=training)
+        inject(
+            monkeypatch,
+            lambda index, loss: (
+                loss * 1e6 if index in (0, 1) else loss * float("nan") if index == 4 else None
+            ),
+        )
+        train(cli, config)
+        monkeypatch.undo()
+        outcomes[mode] = [
+            (r["step"], r.get("scaler_skip", False), r.get("nonfinite", False))
+            for r in metrics(out)
+        ]
+    assert outcomes["every_step"] == outcomes["deferred"]
+    assert outcomes["deferred"][0] == (1, True, False) and outcomes["deferred"][2][2] is True

@@ -227,6 +227,12 @@ class TrainingSection(Section):
     max_nonfinite_steps: int = Field(
         5, ge=1, description="stop after this many consecutive NaN/inf steps (each is skipped)"
     )
+    host_sync: Literal["auto", "every_step", "deferred"] = Field(
+        "auto",
+        description="when the host reads a step's loss and finite check: every_step, or "
+        "deferred (one step later, the skip decided on the device: a GPU never waits; needs "
+        "torch's fused AdamW/Adam/SGD); auto: deferred on CUDA where possible",
+    )
     validate_every_n_steps: int | None = Field(
         None, ge=1, description="validation loss every N steps (needs validation_split)"
     )

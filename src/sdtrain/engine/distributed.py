@@ -130,11 +130,15 @@ class Processes:
     def agree(self, values: torch.Tensor) -> list[float]:
         """Sums of `values` (a 1-d float64 tensor) over all processes, on the host (one host
         sync; no collective on one process)."""
+        return [float(v) for v in self.agree_on_device(values).tolist()]
+
+    def agree_on_device(self, values: torch.Tensor) -> torch.Tensor:
+        """Sums of `values` over all processes, left on the device (no host sync)."""
         group = _group()
         if group is not None and self.count > 1:
             values = values.clone()
             group.all_reduce(values, op=group.ReduceOp.SUM)
-        return [float(v) for v in values.tolist()]
+        return values
 
     def wait(self) -> None:
         """Barrier: every process reaches this point before any goes on (no-op on one)."""

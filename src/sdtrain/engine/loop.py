@@ -32,6 +32,8 @@ from sdtrain.data.batch import Batch
 from sdtrain.data.steps import StepPlan
 from sdtrain.engine import naming
 from sdtrain.engine.loop_agreement import LoopAgreement
+from sdtrain.engine.loop_optimizer import LoopOptimizer
+from sdtrain.engine.loop_records import DeviceWindow, LoopRecords, Settled, StepEnd, known
 from sdtrain.engine.loop_saving import LoopSaving
 from sdtrain.engine.loop_setup import LoopSetup
 from sdtrain.engine.metrics import Trackers
@@ -88,7 +90,7 @@ class TrainResult:
     final_loss: float | None = None
 
 
-class Trainer(LoopSetup, LoopSaving, LoopAgreement):
+class Trainer(LoopSetup, LoopSaving, LoopAgreement, LoopOptimizer, LoopRecords):
     """Drives a Method over TrainData with the recipe, optimizer, schedule and save policy."""
 
     def __init__(
@@ -149,7 +151,7 @@ class Trainer(LoopSetup, LoopSaving, LoopAgreement):
             self.steps.total_steps,
             self.resume.folder if self.resume is not None else None,
         )
-        steps, training = self.steps, self.sections.training
+        steps = self.steps
         procs = self.processes
         if procs.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -160,12 +162,10 @@ class Trainer(LoopSetup, LoopSaving, LoopAgreement):
                 rotate_metrics(self.output_dir / METRICS_FILE)
         procs.wait()
         metrics = MetricsLog(self.output_dir, self.trackers) if procs.is_main else None
+        self._begin_records(counters, metrics)
         if counters.global_step == 0 and self.resume is None:
             self._sample("first", 0, 0)
-        last_loss: float | None = None
-        bad_run: list[str] = []  # image paths of consecutive non-finite steps
-        before_bad: tuple[Counters, dict] | None = None
-        smoothed = None
+        deferred = self.deferred
         started = time.monotonic()
         first_step = counters.global_step
         accumulation = steps.gradient_accumulation_steps
@@ -176,13 +176,13 @@ class Trainer(LoopSetup, LoopSaving, LoopAgreement):
                 task = bar.add_task(
                     "training", total=steps.total_steps, completed=counters.global_step, info=""
                 )
-                stop_agreed = False
                 while (
                     counters.global_step < steps.total_steps and counters.epoch <= steps.num_epochs
                 ):
                     window_losses: list[float] = []
                     window_paths: list[str] = []
                     window_bad = False
+                    window = DeviceWindow(self.scaler is not None)
                     window_offset = 0  # samples of the global step batch before this micro-batch
                     position = counters.position
                     for batch in self._stop_on_bad_image(
@@ -201,89 +201,76 @@ class Trainer(LoopSetup, LoopSaving, LoopAgreement):
                             )
                             info = self._step_info(counters, slots[0])
                             loss = self.ctx_loss(batch, generators, info)
-                            value, finite, stop_agreed = self._agree(loss, batch, stop)
                             window_paths.extend(batch.paths)
-                            if finite or self.zero is not None:
-                                self._backward(loss, batch.loss_weight, accumulation, ends, finite)
-                            if finite:
-                                window_losses.append(value)
+                            if deferred:  # a non-finite loss makes its window skip later
+                                window.add(self._agree_on_device(loss, batch, stop))
+                                self._backward(loss, batch.loss_weight, accumulation, ends, True)
                             else:
-                                window_bad = True
+                                value, finite, self._stop_agreed = self._agree(loss, batch, stop)
+                                if finite or self.zero is not None:
+                                    self._backward(
+                                        loss, batch.loss_weight, accumulation, ends, finite
+                                    )
+                                if finite:
+                                    window_losses.append(value)
+                                else:
+                                    window_bad = True
                         position += 1
                         if not ends:
                             continue
-                        sched_before = self.scheduler.state_dict()
-                        counters_before = Counters(
-                            **{**counters.__dict__, "position": counters.position}
+                        # the last step's values, copied while this one ran (deferred)
+                        self._settle_pending()
+                        before = (
+                            Counters(**{**counters.__dict__, "position": counters.position}),
+                            self.scheduler.state_dict(),
                         )
-                        outcome = self._window_outcome(window_bad)
+                        if deferred:
+                            found, scale = self._deferred_step(window.bad())
+                        else:
+                            outcome = self._window_outcome(window_bad)
                         self.optimizer.zero_grad(set_to_none=True)
                         self.scheduler.step()
                         counters.global_step += 1
                         counters.position = position
-                        record: dict[str, Any] = {
-                            "step": counters.global_step,
-                            "epoch": counters.epoch,
-                        }
-                        if outcome != "bad":
-                            last_loss = sum(window_losses) / len(window_losses)
-                            record["loss"] = last_loss
-                        if outcome == "ok":
-                            bad_run, before_bad = [], None
-                            info = self._step_info(counters, steps.gradient_accumulation_steps)
-                            record.update(self.method.after_step(self.bundle, info))
-                        elif outcome == "scaler_skip":
-                            # fp16 loss-scale warm-up: no update at this scale, not a bad step
-                            record["scaler_skip"] = True
-                            logger.info(
-                                "step %d: fp16 gradients overflowed at this loss scale; the "
-                                "scaler lowered it and skipped the update",
-                                counters.global_step,
-                            )
+                        info = self._step_info(counters, steps.gradient_accumulation_steps)
+                        if deferred:  # the method's work runs on skipped steps too (harmless)
+                            after = self.method.after_step(self.bundle, info)
+                            read = window.readback(found, scale, after)
                         else:
-                            counters.nonfinite_skipped += 1
-                            if before_bad is None:
-                                before_bad = (counters_before, sched_before)
-                            paths = self._all_paths(window_paths)
-                            bad_run.append(", ".join(paths))
-                            record["nonfinite"] = True
-                            record["images"] = paths
-                            logger.warning(
-                                "step %d: non-finite loss or gradient, update skipped (images: %s)",
-                                counters.global_step,
-                                ", ".join(paths),
-                            )
-                        for group, lr in zip(
-                            self.groups, self.scheduler.get_last_lr(), strict=False
-                        ):
-                            record[f"lr/{group.name}"] = lr
-                        if metrics is not None:
-                            metrics.write(record)
-                        if len(bad_run) >= training.max_nonfinite_steps:
-                            # after the record: the step that ends the run is reported too
-                            self._stop_nonfinite(before_bad, bad_run)
-                        if last_loss is not None:
-                            smoothed = (
-                                last_loss if smoothed is None else 0.9 * smoothed + 0.1 * last_loss
-                            )
+                            ok = outcome == "ok"
+                            after = self.method.after_step(self.bundle, info) if ok else {}
+                            after = {key: float(value) for key, value in after.items()}
+                            read = known(Settled(list(window_losses), outcome, after))
+
+                        lrs = self.scheduler.get_last_lr()
+                        end = StepEnd(
+                            counters.global_step,
+                            counters.epoch,
+                            before,
+                            window_paths,
+                            {g.name: lr for g, lr in zip(self.groups, lrs, strict=False)},
+                            read,
+                        )
+                        self._step_ended(end, deferred)
                         rate = (counters.global_step - first_step) / max(
                             time.monotonic() - started, 1e-9
                         )
+                        smoothed = self.smoothed if self.smoothed is not None else float("nan")
                         bar.update(
                             task,
                             completed=counters.global_step,
                             info=(
                                 f"epoch {counters.epoch}/{steps.num_epochs} "
-                                f"loss {smoothed if smoothed is not None else float('nan'):.4f} "
-                                f"lr {self.scheduler.get_last_lr()[0]:.2e} {rate:.2f} it/s"
+                                f"loss {smoothed:.4f} lr {lrs[0]:.2e} {rate:.2f} it/s"
                             ),
                         )
                         window_losses, window_paths, window_bad = [], [], False
+                        window = DeviceWindow(self.scaler is not None)
                         window_offset = 0
-                        before = set(self.outputs)
+                        outputs_before = set(self.outputs)
                         self._after_step_events(counters)
-                        self._validate(metrics, "step", counters, before)
-                        if self._stopping(stop, stop_agreed):
+                        self._validate(metrics, "step", counters, outputs_before)
+                        if self._stopping(stop, self._stop_agreed):
                             self._interrupt(counters, stop.requested)
                         if counters.global_step >= steps.total_steps:
                             break
@@ -292,28 +279,31 @@ class Trainer(LoopSetup, LoopSaving, LoopAgreement):
                         and counters.position < steps.batches_per_epoch
                     ):
                         break
-                    before = set(self.outputs)
+                    outputs_before = set(self.outputs)
                     self._end_epoch(counters)
-                    self._validate(metrics, "epoch", counters, before)
-                    if self._stopping(stop, stop_agreed):
+                    self._validate(metrics, "epoch", counters, outputs_before)
+                    if self._stopping(stop, self._stop_agreed):
                         self._interrupt(counters, stop.requested)
                 final = naming.final_stem(self.output_name)
-                before = set(self.outputs)
+                outputs_before = set(self.outputs)
                 self._save(final, counters, with_state=self.saves.final_state, final=True)
-                self._validate(metrics, "final", counters, before)
+                self._validate(metrics, "final", counters, outputs_before)
                 self._sample("final", counters.epoch, counters.global_step)
         finally:
             if metrics is not None:
                 metrics.close()
-        return TrainResult(counters.global_step, counters.epoch, list(self.outputs), last_loss)
+        return TrainResult(counters.global_step, counters.epoch, list(self.outputs), self.last_loss)
 
     def _validate(self, metrics: Any, kind: str, counters: Counters, before: set[Path]) -> None:
         """The validation hook after a step / epoch event (after its saves, so it can point
         at the files of the same weights). Run by the main process; the others wait."""
         if self.hooks.validate is None:
             return
+        epoch = counters.epoch - 1 if kind == "epoch" else counters.epoch
+        due = getattr(self.hooks.validate, "due", None)
+        if due is None or due(kind, epoch, counters.global_step):
+            self._settle_pending()  # its record follows the step's
         if self.processes.is_main:  # evaluates the whole held-out split; the others wait
-            epoch = counters.epoch - 1 if kind == "epoch" else counters.epoch
             saved = [p for p in self.outputs if p not in before]
             record = self.hooks.validate(self.ctx, kind, epoch, counters.global_step, saved)
             if record is not None:
@@ -346,66 +336,6 @@ class Trainer(LoopSetup, LoopSaving, LoopAgreement):
         from sdtrain.engine.step import micro_step_loss
 
         return micro_step_loss(self.ctx, batch, generators, step)
-
-    def _backward(
-        self, loss: Any, weight: float, accumulation: int, ends: bool, finite: bool
-    ) -> None:
-        """Backward of this process's share: loss x weight / accumulation (the fp16 scaler and
-        DDP through accelerate; under DeepSpeed its engine, which also sees the non-finite
-        micro-batches, so that it skips their window's update)."""
-        if weight != 1.0:
-            loss = loss * weight
-        if self.zero is not None:
-            self.zero.backward(loss / accumulation, ends, finite)
-            return
-        self.accelerator.backward(loss / accumulation)
-
-    def _window_outcome(self, bad: bool) -> str:
-        """The optimizer step at a window's end ("ok" / "scaler_skip" / "bad"); a window with a
-        non-finite loss is "bad" without a step (DeepSpeed skips it itself)."""
-        if self.zero is not None:
-            applied = self.zero.step()
-            return "ok" if applied and not bad else "bad"
-        return "bad" if bad else self._optimizer_step()
-
-    def _optimizer_step(self) -> str:
-        """Clip, check gradients, step: "ok"; "scaler_skip" when fp16 gradients overflowed at
-        the current loss scale (the scaler lowers it, no update: normal warm-up); "bad" (no
-        update) when gradients are not finite otherwise."""
-        import torch
-
-        if self.fused is not None:  # every weight was updated during backward
-            return "ok" if self.fused.take_finite() else "bad"
-        max_norm = self.sections.training.max_grad_norm
-        params = [p for p in self.params if p.grad is not None]
-        if not params:
-            return "ok"
-        if max_norm > 0:
-            norm = self.accelerator.clip_grad_norm_(params, max_norm)
-        else:
-            self.accelerator.unscale_gradients()
-            norm = torch.linalg.vector_norm(
-                torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params])
-            )
-        finite = bool(torch.isfinite(norm))
-        if self.scaler is not None:
-            self._step_settled()  # the scaler skips the update on overflow and lowers the scale
-            if finite:
-                return "ok"
-            # at a scale below 1 the gradients overflow unscaled: really non-finite
-            return "scaler_skip" if self.scaler.get_scale() >= 1.0 else "bad"
-        if not finite:
-            return "bad"
-        self._step_settled()
-        return "ok"
-
-    def _step_settled(self) -> None:
-        """The optimizer step; state tensors it rebinds stay where they were (optim_state.py)."""
-        from sdtrain.engine.optim_state import settle_state, state_snapshot
-
-        before = state_snapshot(self.optimizer)
-        self.stepper.step()
-        settle_state(self.optimizer, before)
 
     def _after_step_events(self, counters: Counters) -> None:
         step = counters.global_step

@@ -48,6 +48,29 @@ class LoopAgreement:
         total, bad_count, stops = self.processes.agree(torch.stack([share, bad, stopping.double()]))
         return total, bad_count == 0, stops > 0
 
+    def _agree_on_device(self, loss: Any, batch: Batch, stop: Any) -> Any:
+        """_agree without the host read (host_sync = deferred): a float64 device tensor
+        (mean loss, 1 if finite everywhere, 1 if a stop was asked for anywhere), all-reduced
+        with several processes; engine/loop_records.py reads it a step later."""
+        import torch
+
+        mine = loss.detach().double().reshape(())
+        ok = torch.isfinite(mine)
+        zero = torch.zeros((), dtype=torch.float64, device=mine.device)
+        stopping = torch.full((), float(stop.requested is not None), device=mine.device)
+        count = self.processes.count
+        if count == 1:
+            return torch.stack([mine, ok.double(), stopping.double()])
+        if batch.loss_weight == 0.0:
+            share, bad = zero, zero
+        else:
+            share = torch.where(ok, mine * (batch.loss_weight / count), zero)
+            bad = (~ok).double()
+        total, bad_count, stops = self.processes.agree_on_device(
+            torch.stack([share, bad, stopping.double()])
+        )
+        return torch.stack([total, (bad_count == 0).double(), (stops > 0).double()])
+
     def _stopping(self, stop: Any, agreed: bool) -> bool:
         """Stop now? On one process: a signal arrived. With several: one arrived on some process
         by the last agreement (so every process stops at the same step)."""

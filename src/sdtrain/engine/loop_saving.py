@@ -51,6 +51,7 @@ class LoopSaving:
         # Epochs completed, as the reference's ss_epoch: step and epoch saves count finished
         # epochs only (epoch saves run after the counter moved on); the final save counts the
         # epoch it ends in. (Passing the in-progress counter made epoch saves say one too many.)
+        self._settle_pending()  # a deferred step's record and counters first
         ended_mid_epoch = final and counters.position > 0
         epoch_done = counters.epoch if ended_mid_epoch else counters.epoch - 1
         # the optimizer part first: under DeepSpeed its gathering is collective, and the space
@@ -109,6 +110,7 @@ class LoopSaving:
 
     def _write_state(self, stem: str, parts: Callable[[], StateParts]) -> Path:
         """A state written by the main process (the others wait); its folder."""
+        self._settle_pending()  # a deferred step's record and counters first
         folder = self.output_dir / naming.state_dir_name(stem)
         # the parts on the main process, which writes them, and under DeepSpeed on every process
         # (gathering the optimizer state is collective)

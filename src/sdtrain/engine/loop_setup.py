@@ -104,6 +104,12 @@ class LoopSetup:
             # placement round-trips the state dict, which bitsandbytes deep-copies
             prime_state(self.optimizer)
         self.scaler = self.accelerator.scaler
+        from sdtrain.engine.host_sync import deferred_obstacle, use_deferred
+
+        obstacle = deferred_obstacle(self.optimizer, self.fused, self.zero, self.method)
+        self.deferred = use_deferred(training.host_sync, self.device.type, obstacle)
+        if self.deferred:
+            logger.info("host reads of each step deferred by one step (host_sync)")
         noise = NoiseRecipe(training, bundle.noise_scheduler, bundle.family.is_v)
         self.ctx = StepContext(
             self.method,

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from sdtrain.errors import ConfigError, Problem
+from sdtrain.models.host_copy import to_device
 
 if TYPE_CHECKING:
     from diffusers import DDPMScheduler
@@ -93,7 +94,8 @@ def pyramid_noise(
         hn, wn = max(1, int(h / r**i)), max(1, int(w / r**i))
         level = torch.randn(
             (b, c, hn, wn), generator=generator, device=generator.device, dtype=torch.float32
-        ).to(out.device)
+        )
+        level = to_device(level, out.device)
         out += F.interpolate(level, size=(h, w), mode="bilinear") * discount**i
         if hn == 1 or wn == 1:
             break
@@ -158,13 +160,12 @@ class NoiseRecipe:
     def _randn(
         shape: tuple[int, ...], generator: torch.Generator, device: torch.device
     ) -> torch.Tensor:
-        return torch.randn(
-            shape, generator=generator, device=generator.device, dtype=torch.float32
-        ).to(device)
+        draw = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
+        return to_device(draw, device)
 
     @staticmethod
     def _rand1(generator: torch.Generator, device: torch.device) -> torch.Tensor:
-        return torch.rand(1, generator=generator, device=generator.device).to(device)
+        return to_device(torch.rand(1, generator=generator, device=generator.device), device)
 
     def sample_noise(self, latents: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """ε for latents (B, C, H, W): N(0, I) + noise offset + pyramid noise (§6.1.2-4).
@@ -207,7 +208,7 @@ class NoiseRecipe:
             )
         else:
             t = torch.full((batch_size,), self.max_timestep, dtype=torch.long)
-        return t.to(device if device is not None else generator.device)
+        return to_device(t, device if device is not None else generator.device)
 
     # -- forward diffusion --------------------------------------------------------------------
 

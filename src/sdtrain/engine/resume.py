@@ -26,6 +26,7 @@ HARMLESS_KEYS = {
     "training.persistent_data_loader_workers",
     "training.vae_batch_size",
     "training.max_nonfinite_steps",
+    "training.host_sync",
     "training.validate_every_n_steps",
     "training.validate_every_n_epochs",
     "training.max_validation_steps",

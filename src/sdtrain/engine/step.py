@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from sdtrain.models.host_copy import to_device
+
 if TYPE_CHECKING:
     import torch
 
@@ -61,11 +63,11 @@ def encode_latents(
 
     scale = ctx.bundle.family.latent_scale
     if batch.latents is not None:
-        return batch.latents.to(ctx.device, dtype=torch.float32) * scale
+        return to_device(batch.latents, ctx.device, torch.float32) * scale
     assert batch.pixels is not None, "a batch carries pixels or cached latents"
     vae = ctx.bundle.vae
     with torch.no_grad():
-        pixels = batch.pixels.to(ctx.device, dtype=ctx.precision.vae)
+        pixels = to_device(batch.pixels, ctx.device, ctx.precision.vae)
         dist = vae.encode(pixels).latent_dist
         if isinstance(generators, torch.Generator):
             latents = dist.sample(generator=generators).float()
@@ -86,9 +88,8 @@ def _randn_like(like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     the generator's device."""
     import torch
 
-    return torch.randn(
-        like.shape, generator=generator, device=generator.device, dtype=like.dtype
-    ).to(like.device)
+    draw = torch.randn(like.shape, generator=generator, device=generator.device, dtype=like.dtype)
+    return to_device(draw, like.device)
 
 
 def sample_generators(seed: int, step: int, slots: Sequence[int]) -> list[torch.Generator]:
@@ -129,7 +130,7 @@ def micro_step_loss(
         one = latents if streams is not None else latents[i : i + 1]
         noise = ctx.noise.sample_noise(one, generator)
         if timestep is None:
-            timesteps = ctx.noise.sample_timesteps(one.shape[0], generator).to(ctx.device)
+            timesteps = ctx.noise.sample_timesteps(one.shape[0], generator, ctx.device)
         else:
             timesteps = torch.full((one.shape[0],), timestep, dtype=torch.long, device=ctx.device)
         noisy = ctx.noise.noisy_latents(one, noise, timesteps, generator)
@@ -138,7 +139,7 @@ def micro_step_loss(
         torch.cat(list(column)) for column in zip(*parts, strict=True)
     )
     weights = ctx.method.loss_weights(batch)
-    mask = batch.alpha_masks.to(ctx.device) if batch.alpha_masks is not None else None
+    mask = to_device(batch.alpha_masks, ctx.device) if batch.alpha_masks is not None else None
     with (
         torch.autocast(ctx.device.type, dtype=ctx.precision.weight, enabled=ctx.precision.autocast),
         input_casts_off(ctx.uncast),
@@ -153,7 +154,7 @@ def micro_step_loss(
         pred.float(),
         target.float(),
         timesteps,
-        loss_weights=None if weights is None else weights.to(ctx.device),
+        loss_weights=None if weights is None else to_device(weights, ctx.device),
         mask=mask,
     )
     return loss

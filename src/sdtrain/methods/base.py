@@ -91,8 +91,14 @@ class Method(Protocol):
         """Per-sample loss multipliers (B,), e.g. prior_loss_weight on reg samples; None = ones."""
         ...
 
-    def after_step(self, bundle: ModelBundle, step: StepInfo) -> dict[str, float]:
-        """Hook after each optimizer step (TI restores frozen rows; max-norm); returns metrics."""
+    def after_step(self, bundle: ModelBundle, step: StepInfo) -> dict[str, Any]:
+        """Hook after each optimizer step (max-norm, EMA); returns metrics (floats or 0-d
+        tensors, read on the host with the step's other values).
+
+        A method whose after_step is harmless on a skipped update (it changes nothing, or
+        nothing a skipped step would make wrong) sets `after_step_any_outcome = True`: with
+        host_sync deferred (engine/host_sync.py) it then runs before the outcome is known, and
+        its metrics are recorded for applied steps only. Without it the run reads every step."""
         ...
 
     def trainable_state(self) -> dict[str, torch.Tensor]:

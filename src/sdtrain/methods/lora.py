@@ -189,6 +189,12 @@ class LoraMethod:
         is_reg = batch.is_reg.bool()
         return torch.where(is_reg, self.prior_loss_weight, 1.0).to(torch.float32)
 
+    @property
+    def after_step_any_outcome(self) -> bool:
+        """after_step may run before the host knows whether the update was applied
+        (engine/host_sync.py): only without max-norm, which changes the weights."""
+        return self.section.scale_weight_norms is None
+
     def after_step(self, bundle: ModelBundle, step: StepInfo) -> dict[str, float]:
         """scale_weight_norms max-norm; returns max_norm/keys_scaled, average/max key norm."""
         if self.section.scale_weight_norms is None:

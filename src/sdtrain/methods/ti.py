@@ -265,10 +265,13 @@ class TiMethod:
             return None
         return torch.where(batch.is_reg.bool(), self.prior_loss_weight, 1.0).to(torch.float32)
 
-    def after_step(self, bundle: ModelBundle, step: StepInfo) -> dict[str, float]:
+    # after_step only measures: it may run on a skipped step too (engine/host_sync.py)
+    after_step_any_outcome = True
+
+    def after_step(self, bundle: ModelBundle, step: StepInfo) -> dict[str, Any]:
         """Nothing to restore (frozen rows are outside the trained parameter); reports the
-        mean norm of the trained vectors."""
-        return {"ti/mean_norm": float(self._module().rows.detach().norm(dim=-1).mean())}
+        mean norm of the trained vectors (a 0-d tensor: the loop reads it on the host)."""
+        return {"ti/mean_norm": self._module().rows.detach().norm(dim=-1).mean()}
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """The trained rows (R, D), fp32."""

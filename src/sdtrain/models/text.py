@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from sdtrain.data.prompt_weights import CHUNK, token_budget
+from sdtrain.models.host_copy import to_device
 
 if TYPE_CHECKING:
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -109,14 +110,15 @@ def encode_tokens(
     if length != WINDOW:
         raise ValueError(f"expected ids of shape (B, n, {WINDOW}), got {tuple(ids.shape)}")
     device = next(text_encoder.parameters()).device
-    flat = ids.reshape(batch * n, WINDOW).to(device)
+    host = ids.reshape(batch * n, WINDOW)
+    flat = to_device(host, device)
     if clip_skip is None or clip_skip == 1:
         states = text_encoder(flat).last_hidden_state
     else:
         hidden = text_encoder(flat, output_hidden_states=True).hidden_states
         states = final_layer_norm(text_encoder)(hidden[-clip_skip])
-    if n > 1:
-        empty = ((flat[:, 1] == eos_token_id) & (flat[:, 2] != eos_token_id)).reshape(batch, n)
+    if n > 1:  # the ids where they came from (the host, in training): no device read
+        empty = ((host[:, 1] == eos_token_id) & (host[:, 2] != eos_token_id)).reshape(batch, n)
         empty[:, 0] = False
         if empty.any():
             states = states.clone()
@@ -125,7 +127,7 @@ def encode_tokens(
     states = _merge_windows(states.reshape(batch, n * WINDOW, -1), n)
     if weights is None:
         return states
-    merged = _merge_weights(weights.to(device=device, dtype=states.dtype)).unsqueeze(-1)
+    merged = _merge_weights(to_device(weights, device, states.dtype)).unsqueeze(-1)
     if not renormalize:
         return states * merged
     before = states.float().mean(dim=(-2, -1))
