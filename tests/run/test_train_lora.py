@@ -193,3 +193,79 @@ def test_latents_cached_during_the_load_train_the_same_lora(run_dir, cli, monkey
     a = load_file(str(run_dir / "first" / "tiny.safetensors"))
     b = load_file(str(run_dir / "out" / "tiny.safetensors"))
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_memory_levers_train_the_same_lora_and_states(run_dir, cli, monkeypatch):
+    """An fp32 LoRA run on a half model file (toy-sd1 is float16) keeps the text encoder's token
+    embedding half (models/half_embedding.py) and recomputes the U-Net's GEGLU gate in backward
+    (models/geglu.py); both switched off, it trains the same adapters and writes the same
+    resumable states, bit for bit."""
+    import sdtrain.models.load as load
+    from sdtrain.engine.halfweights import has_frozen_half
+    from sdtrain.models.geglu import OPT_OUT as GEGLU_OPT_OUT
+    from sdtrain.models.half_embedding import OPT_OUT as EMBEDDING_OPT_OUT
+    from sdtrain.models.half_embedding import HalfTokenEmbedding
+
+    toml = run_dir / "run.toml"
+    toml.write_text(
+        RUN.replace("builtin:tiny-sd1", "builtin:toy-sd1").replace(
+            "save_every_n_steps = 2", "save_every_n_steps = 2\nsave_state = true"
+        )
+    )
+    real = load.load_bundle
+    bundles = []
+
+    def keep(*args, **kwargs):
+        bundles.append(real(*args, **kwargs))
+        return bundles[-1]
+
+    monkeypatch.setattr(load, "load_bundle", keep)
+    for name in ("on", "off"):
+        if name == "off":
+            monkeypatch.setenv(EMBEDDING_OPT_OUT, "fp32")
+            monkeypatch.setenv(GEGLU_OPT_OUT, "stock")
+        result = cli(["train", "lora", str(toml)])
+        assert result.exit_code == 0, result.output
+        (run_dir / "out").rename(run_dir / name)
+    on, off = bundles
+    embedding = on.text_encoder.get_input_embeddings()
+    assert isinstance(embedding, HalfTokenEmbedding) and embedding.weight.dtype == torch.float16
+    assert type(off.text_encoder.get_input_embeddings()) is torch.nn.Embedding
+    for bundle in (on, off):
+        assert bundle.text_encoder.dtype == torch.float32
+        assert not has_frozen_half([bundle.unet, bundle.text_encoder])
+    geglus = [m for m in on.unet.modules() if type(m).__name__ == "GEGLU"]
+    assert geglus and all("forward" in vars(m) for m in geglus)
+    assert not any("forward" in vars(m) for m in off.unet.modules() if type(m).__name__ == "GEGLU")
+
+    files = sorted(p.relative_to(run_dir / "on") for p in (run_dir / "on").rglob("*.safetensors"))
+    assert files == sorted(
+        p.relative_to(run_dir / "off") for p in (run_dir / "off").rglob("*.safetensors")
+    )
+    assert Path("tiny.safetensors") in files
+    assert sum(p.name == "trainable.safetensors" for p in files) >= 2  # the resumable states
+    for path in files:
+        a, b = load_file(str(run_dir / "on" / path)), load_file(str(run_dir / "off" / path))
+        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), path
+    for state in (p.parent for p in files if p.name == "trainable.safetensors"):
+        names = {p.name for p in (run_dir / "on" / state).iterdir()}
+        assert names == {p.name for p in (run_dir / "off" / state).iterdir()}
+        assert {"trainable.safetensors", "optimizer.safetensors"} <= names
+        for component in ("trainable.safetensors", "optimizer.safetensors"):
+            metadata = []
+            for run in ("on", "off"):
+                with safe_open(str(run_dir / run / state / component), "pt") as handle:
+                    metadata.append(handle.metadata())
+            assert metadata[0] == metadata[1], f"{state}/{component}"
+    # the LoRA file's metadata too, apart from the run's own times and session id
+    per_run = {
+        "modelspec.date",
+        "ss_session_id",
+        "ss_training_started_at",
+        "ss_training_finished_at",
+    }
+    metadata = []
+    for run in ("on", "off"):
+        with safe_open(str(run_dir / run / "tiny.safetensors"), "pt") as handle:
+            metadata.append({k: v for k, v in handle.metadata().items() if k not in per_run})
+    assert metadata[0] == metadata[1]

@@ -60,7 +60,8 @@ def apply_precision(modules: list[torch.nn.Module], precision: Precision) -> Non
     """Cast frozen parameters to the weight dtype and trainable ones to the trainable dtype.
 
     Without autocast, frozen float16/bf16 parameters of a module loaded with `keep_half`
-    (`sdtrain_frozen_half`) stay half: engine/halfweights.py up-casts them per layer.
+    (`sdtrain_frozen_half`) stay half: engine/halfweights.py up-casts them per layer. Buffers of
+    submodules marked `sdtrain_fixed_dtype` (models/half_embedding.py) keep their dtype.
     """
     import torch
 
@@ -72,8 +73,19 @@ def apply_precision(modules: list[torch.nn.Module], precision: Precision) -> Non
                 continue
             if param.dtype != target:
                 param.data = param.data.to(target)
+        fixed = {
+            id(buf)
+            for sub in module.modules()
+            if getattr(sub, "sdtrain_fixed_dtype", False)
+            for buf in sub.buffers(recurse=False)
+        }
         for name, buf in module.named_buffers():
-            if buf.is_floating_point() and buf.dtype != precision.weight and "alpha" not in name:
+            if (
+                buf.is_floating_point()
+                and buf.dtype != precision.weight
+                and "alpha" not in name
+                and id(buf) not in fixed
+            ):
                 buf.data = buf.data.to(precision.weight)
 
 

@@ -55,6 +55,7 @@ class LoraMethod:
     name = "lora"
     export_needs_vae = False  # a LoRA file holds only the adapters (the VAE can be released)
     frozen_half_ok = True  # the frozen base may stay in the file's half precision (fp32 runs)
+    half_token_embedding_ok = True  # the token embedding never trains (models/half_embedding.py)
     # the adapters are created in fp32 whatever the base's dtype (adapters/lora.py inject)
     compute_dtype_parts = ("unet", "text_encoder", "vae")
 

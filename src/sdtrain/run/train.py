@@ -257,6 +257,13 @@ def _part_dtypes(method: Any, precision: Any) -> dict[str, Any]:
     return {part: precision.vae if part == "vae" else precision.weight for part in parts}
 
 
+def _half_token_embedding(method: Any, precision: Any) -> bool:
+    """Whether the text encoders' token embeddings may be held half (models/half_embedding.py):
+    fp32 training without autocast, for methods whose token embedding never trains
+    (`half_token_embedding_ok`; not TI, which adds rows, nor text-encoder fine-tuning)."""
+    return not precision.autocast and bool(getattr(method, "half_token_embedding_ok", False))
+
+
 def execute(prepared: Prepared, resume_hint: str) -> TrainResult:
     """Hold the output folder's run lock (one run per folder), then load the model and train."""
     from sdtrain.run.lock import hold_run_folder
@@ -279,6 +286,8 @@ def _execute(prepared: Prepared, resume_hint: str) -> TrainResult:
     from sdtrain.engine.state import load_state
     from sdtrain.methods.adapters.metadata import training_metadata
     from sdtrain.models.conv_path import use_gemm_convolutions
+    from sdtrain.models.geglu import use_recomputing_geglu
+    from sdtrain.models.half_embedding import keep_token_embedding_half
     from sdtrain.models.load import load_bundle
     from sdtrain.run.facts import collect_facts
     from sdtrain.run.train_data import free_vae, training_data
@@ -328,6 +337,10 @@ def _execute(prepared: Prepared, resume_hint: str) -> TrainResult:
     )
     _fill_class_images(prepared, bundle, processes, class_images)
     use_gemm_convolutions(bundle.unet)  # training only: generate keeps torch's kernels
+    use_recomputing_geglu(bundle.unet)
+    if _half_token_embedding(method, precision):
+        for encoder in bundle.family.text_encoders(bundle):
+            keep_token_embedding_half(encoder)  # when its values are exact in half precision
     steps = prepared.plan.steps
     assert steps is not None
     text = resolved_toml(cfg)
