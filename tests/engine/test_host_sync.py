@@ -245,3 +245,27 @@ def test_the_device_side_skip_matches_the_host_side_one_with_the_fp16_scaler(max
         assert_same(host.snapshot(), device.snapshot(), f"after {i} ({kind})")
         scales.append(host.scaler.get_scale())
     assert scales == [4.0, 2.0, 2.0, 2.0, 4.0, 4.0, 4.0, 2.0, 2.0, 4.0]  # down and up again
+
+
+def _row(loss: float, stop: bool = False) -> torch.Tensor:
+    value = torch.tensor(loss, dtype=torch.float64)
+    return torch.stack([value, torch.isfinite(value).double(), torch.tensor(float(stop)).double()])
+
+
+def test_a_window_reads_back_its_outcome_losses_metrics_and_stop():
+    window = DeviceWindow(has_scaler=False)
+    window.add(_row(0.25))
+    window.add(_row(0.5, stop=True))
+    metric = torch.tensor(1.5)
+    settled = window.readback(torch.tensor(False), None, {"f": 0.1, "t": metric})()
+    assert settled.outcome == "ok" and settled.losses == [0.25, 0.5] and settled.stop
+    assert settled.after == {"f": 0.1, "t": 1.5}  # a Python float exactly, not via float32
+    # gradients not finite without a scaler: bad, and no metrics recorded
+    assert window.readback(torch.tensor(True), None, {"f": 0.1})().outcome == "bad"
+    assert window.readback(torch.tensor(True), None, {"f": 0.1})().after == {}
+    bad = DeviceWindow(has_scaler=False)
+    bad.add(_row(0.25))
+    bad.add(_row(float("nan")))
+    settled = bad.readback(torch.tensor(False), None, {})()
+    assert bad.bad().item() and settled.outcome == "bad" and settled.losses == [0.25]
+    assert not settled.stop

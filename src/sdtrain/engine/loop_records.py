@@ -80,7 +80,7 @@ class DeviceWindow:
         extra = [
             found.reshape(1).double(),
             (scale if scale is not None else torch.ones((), device=device)).reshape(1).double(),
-            *(torch.as_tensor(after[k], device=device).reshape(1).double() for k in keys),
+            *(_as_row(after[k], device) for k in keys),
         ]
         pending = Readback(torch.cat([torch.cat(self.rows), *extra]))
         count, has_scaler = len(self.rows), self.has_scaler
@@ -104,6 +104,15 @@ class DeviceWindow:
             )
 
         return read
+
+
+def _as_row(value: Any, device: Any) -> torch.Tensor:
+    """A metric as a 1-element float64 tensor (a Python float exactly, not via float32)."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.detach().reshape(1).double()
+    return torch.tensor([float(value)], dtype=torch.float64, device=device)
 
 
 class LoopRecords:
