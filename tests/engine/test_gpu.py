@@ -104,9 +104,10 @@ def test_a_deferred_step_never_waits_for_the_gpu(cli, tmp_path, monkeypatch, run
     optimizer step nothing reads the device (torch's sync debug mode raises on any such read);
     the reads happen when the step is settled, one step later."""
     from sdtrain.engine.loop import Trainer
+    from sdtrain.engine.loop_records import DeviceWindow
 
-    def strict(name):
-        real = getattr(Trainer, name)
+    def strict(name, owner=Trainer):
+        real = getattr(owner, name)
 
         def wrapped(self, *args, **kwargs):
             torch.cuda.set_sync_debug_mode("error")
@@ -115,10 +116,12 @@ def test_a_deferred_step_never_waits_for_the_gpu(cli, tmp_path, monkeypatch, run
             finally:
                 torch.cuda.set_sync_debug_mode("default")
 
-        monkeypatch.setattr(Trainer, name, wrapped)
+        monkeypatch.setattr(owner, name, wrapped)
 
     for name in ("ctx_loss", "_agree_on_device", "_backward", "_deferred_step"):
         strict(name)
+    for name in ("bad", "readback"):  # the read itself (the returned reader) runs later
+        strict(name, DeviceWindow)
     out = tmp_path / "out"
     training = {"mixed_precision": precision, "host_sync": "deferred"}
     config = write_config(tmp_path / "run.toml", run_data, out, training=training)

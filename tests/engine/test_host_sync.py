@@ -46,29 +46,65 @@ def test_a_deferred_run_is_the_every_step_run_bit_for_bit(cli, tmp_path, run_dat
         )
 
 
-@pytest.mark.parametrize("bad_calls", [[2], [3, 9]])
+def _plus_inf(calls):
+    """An `inject` action: the loss of these micro-steps + inf (gradients stay finite: only
+    the loss check can skip the update)."""
+    bad = set(calls)
+    return lambda index, loss: loss + float("inf") if index in bad else None
+
+
+@pytest.mark.parametrize(
+    ("action", "saving", "bad_steps"),
+    [
+        (nan_at([2]), {"save_every_n_steps": 1}, 1),  # a window's first micro-batch
+        (nan_at([3, 9]), {"save_every_n_steps": 1}, 2),  # a window's last; an epoch's last step
+        (_plus_inf([2, 6]), {}, 2),  # finite gradients; states every 2 steps: step-end settles
+    ],
+    ids=["nan-first", "nan-last", "inf-loss-finite-grads"],
+)
 def test_bad_steps_are_skipped_and_reported_the_same(
-    cli, tmp_path, monkeypatch, run_data, bad_calls
+    cli, tmp_path, monkeypatch, run_data, action, saving, bad_steps
 ):
-    """A NaN loss in a window's first or last micro-batch: the same skipped updates, records,
-    images and periodic states in both modes."""
-    saving = {"save_every_n_steps": 1}
+    """The same skipped updates, records, images and periodic states in both modes."""
     outs = {}
     for mode in ("every_step", "deferred"):
         out = tmp_path / mode
         config = write_config(
             tmp_path / f"{mode}.toml", run_data, out, training={"host_sync": mode}, saving=saving
         )
-        inject(monkeypatch, nan_at(bad_calls))
+        inject(monkeypatch, action)
         train(cli, config)
         monkeypatch.undo()
         outs[mode] = out
     a, b = outs["every_step"], outs["deferred"]
-    assert any(r.get("nonfinite") for r in metrics(b))
+    assert sum(1 for r in metrics(b) if r.get("nonfinite")) == bad_steps
     assert_same_training(a, b)
-    for step in range(1, 7):  # (step 7 is the final save, t-state)
+    every = saving.get("save_every_n_steps", 2)
+    for step in range(every, 7, every):  # (step 7 is the final save, t-state)
         stem = f"t-step{step:08d}"
         assert_same(state_contents(a / f"{stem}-state"), state_contents(b / f"{stem}-state"))
+
+
+def test_validation_records_follow_their_step_in_both_modes(cli, tmp_path, run_data):
+    """Validation due every 2 steps: a deferred step is settled before its evaluation, so
+    the metrics log (records and their order) is the same bytes."""
+    outs = {}
+    for mode in ("every_step", "deferred"):
+        out = tmp_path / mode
+        training = {"host_sync": mode, "validate_every_n_steps": 2}
+        config = write_config(
+            tmp_path / f"{mode}.toml",
+            run_data,
+            out,
+            training=training,
+            dataset={"validation_split": 0.4, "validation_seed": 3},
+        )
+        train(cli, config)
+        outs[mode] = out
+    records = metrics(outs["deferred"])
+    kinds = [("val" if any(k.startswith("val") for k in r) else "step", r["step"]) for r in records]
+    assert ("val", 2) in kinds and kinds.index(("step", 2)) < kinds.index(("val", 2))
+    assert_same_training(outs["every_step"], outs["deferred"])
 
 
 def test_consecutive_bad_steps_stop_one_forward_later_with_the_same_state(
@@ -168,6 +204,36 @@ def test_what_keeps_a_run_from_deferring():
     assert "fused_backward_pass" in deferred_obstacle(fused, object(), None, ok)
     assert "cannot skip an update" in deferred_obstacle(plain, None, None, ok)
     assert "after-step" in deferred_obstacle(fused, None, None, SimpleNamespace())
+    momentum = torch.optim.SGD([p], lr=0.1, momentum=0.9, fused=True)
+    assert "first step" in deferred_obstacle(momentum, None, None, ok)
+    assert deferred_obstacle(torch.optim.SGD([p], lr=0.1, fused=True), None, None, ok) is None
+
+
+def test_a_failed_run_still_records_its_last_finished_step(cli, tmp_path, monkeypatch, run_data):
+    """An error in step 3's window: step 2, still pending when deferred, is recorded as
+    every_step records it."""
+    logs = {}
+    for mode in ("every_step", "deferred"):
+        out = tmp_path / mode
+        config = write_config(  # no periodic save, which would settle step 2 itself
+            tmp_path / f"{mode}.toml",
+            run_data,
+            out,
+            training={"host_sync": mode},
+            saving={"save_every_n_steps": None},
+        )
+
+        def fail(index, loss):
+            if index == 4:
+                raise RuntimeError("injected")
+
+        inject(monkeypatch, fail)
+        with pytest.raises(RuntimeError, match="injected"):
+            cli(["train", "lora", str(config)])
+        monkeypatch.undo()
+        logs[mode] = (out / "metrics.jsonl").read_bytes()
+    assert [r["step"] for r in metrics(tmp_path / "deferred")] == [1, 2]
+    assert logs["every_step"] == logs["deferred"]
 
 
 def test_a_readback_returns_the_values():

@@ -14,7 +14,11 @@ next, and the GPU then waits for the CPU. `deferred` keeps them on the device:
   validation, sampling or a stop needs the counters settled.
 
 Both modes skip the same updates and write the same records and states (tests compare them on
-the CPU); deferred learns of a run of bad steps one step later, before that step's update.
+the CPU); deferred learns of a run of bad steps one step later, before that step's update. With
+several processes a stop (Ctrl-C) is agreed with the step's values, so all processes stop one
+step later than every_step (one asked for in the last step's window lets the run finish).
+SGD with momentum is refused: torch's fused SGD stores its uninitialised momentum buffers even
+when its first step is skipped.
 """
 
 from __future__ import annotations
@@ -40,6 +44,12 @@ def deferred_obstacle(optimizer: Any, fused: Any, zero: Any, method: Any) -> str
             f"{type(optimizer).__name__} cannot skip an update on the device "
             "(torch's fused AdamW, Adam, SGD and Adagrad can)"
         )
+    import torch
+
+    if isinstance(optimizer, torch.optim.SGD) and any(
+        group.get("momentum", 0) for group in optimizer.param_groups
+    ):  # a skipped first step would still store torch's uninitialised momentum buffers
+        return "SGD with momentum creates its buffers in its first step, even a skipped one"
     if not getattr(method, "after_step_any_outcome", False):
         return "the method's after-step work must know whether the step was applied"
     return None

@@ -289,6 +289,9 @@ class Trainer(LoopSetup, LoopSaving, LoopAgreement, LoopOptimizer, LoopRecords):
                 self._save(final, counters, with_state=self.saves.final_state, final=True)
                 self._validate(metrics, "final", counters, outputs_before)
                 self._sample("final", counters.epoch, counters.global_step)
+        except BaseException:
+            self._settle_after_error()
+            raise
         finally:
             if metrics is not None:
                 metrics.close()

@@ -95,6 +95,8 @@ class LoopOptimizer:
             return found, None
         # unscale_ (in _grad_norm) left the scaler's overflow flags: the bad window's join them
         flags = scaler._per_optimizer_states[id(self.optimizer)]["found_inf_per_device"]
+        if not flags:  # (a defaultdict: a wrong key would silently apply a bad window)
+            raise RuntimeError("the fp16 scaler has no overflow flags for this optimizer")
         for flag in flags.values():
             flag.copy_(torch.maximum(flag, bad.to(flag)))
         scale, growth = scaler._scale.clone(), scaler._growth_tracker.clone()

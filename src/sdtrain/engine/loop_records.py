@@ -4,7 +4,8 @@ bookkeeping (skipped steps, a run of bad steps that stops training), the smoothe
 A step ends with a `StepEnd`, whose `read()` gives what the device computed. With
 `host_sync = every_step` it is settled at once; deferred (engine/host_sync.py), it waits as
 `_pending` until the next step's update, or until something needs the counters settled first:
-a save or state, validation, sampling (they call `_settle_pending`).
+a save or state, validation or sampling when due (they call `_settle_pending`), or the end of a
+run that failed (`_settle_after_error`).
 
 A mixin of engine.loop.Trainer, whose attributes it reads.
 """
@@ -139,7 +140,18 @@ class LoopRecords:
         if end is not None:
             self._settle(end)
 
-    def _settle(self, end: StepEnd) -> None:
+    def _settle_after_error(self) -> None:
+        """On the way out of a failed run: the deferred step's record still written, as
+        every_step would have (one process only: no collective, and no stop decision)."""
+        end, self._pending = getattr(self, "_pending", None), None
+        if end is None or self.processes.count > 1:
+            return
+        try:
+            self._settle(end, stop_checks=False)
+        except Exception:  # the run's own error is the one to report
+            logger.debug("the last step's record could not be written", exc_info=True)
+
+    def _settle(self, end: StepEnd, stop_checks: bool = True) -> None:
         settled = end.read()
         counters = self._counters
         record: dict[str, Any] = {"step": end.step, "epoch": end.epoch}
@@ -175,7 +187,7 @@ class LoopRecords:
         if self._metrics is not None:
             self._metrics.write(record)
         self._stop_agreed = self._stop_agreed or settled.stop
-        if len(self._bad_run) >= self.sections.training.max_nonfinite_steps:
+        if stop_checks and len(self._bad_run) >= self.sections.training.max_nonfinite_steps:
             # after the record: the step that ends the run is reported too
             self._stop_nonfinite(self._before_bad, self._bad_run)
         if self.last_loss is not None:  # (a bad step repeats the last loss)

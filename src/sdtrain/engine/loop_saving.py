@@ -87,6 +87,9 @@ class LoopSaving:
         """The sampling hook on the main process; the others wait for it."""
         if self.hooks.sample is None:
             return
+        due = getattr(self.hooks.sample, "due", None)
+        if due is None or due(kind, epoch, step):
+            self._settle_pending()  # (a run that stops at this step draws nothing)
         if self.processes.is_main:
             self.hooks.sample(kind, epoch, step)
         self.processes.wait()

@@ -143,7 +143,7 @@ class NoiseRecipe:
     def _table(self, name: str, device: torch.device) -> torch.Tensor:
         key = (name, torch.device(device))
         if key not in self._tables:
-            self._tables[key] = getattr(self, name).to(device)
+            self._tables[key] = to_device(getattr(self, name), device)
         return self._tables[key]
 
     def snr_at(self, timesteps: torch.Tensor) -> torch.Tensor:

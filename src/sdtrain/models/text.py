@@ -121,9 +121,9 @@ def encode_tokens(
         empty = ((host[:, 1] == eos_token_id) & (host[:, 2] != eos_token_id)).reshape(batch, n)
         empty[:, 0] = False
         if empty.any():
-            states = states.clone()
-            fix = empty.reshape(-1)
-            states[fix, 1] = states[fix, 2]
+            states = states.clone()  # (a mask on the states' device: no blocking index copy)
+            fix = to_device(empty.reshape(-1, 1), states.device)
+            states[:, 1] = torch.where(fix, states[:, 2], states[:, 1])
     states = _merge_windows(states.reshape(batch, n * WINDOW, -1), n)
     if weights is None:
         return states
