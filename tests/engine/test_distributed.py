@@ -133,6 +133,83 @@ def test_a_deferred_two_process_run_is_the_every_step_one_bit_for_bit(
     assert_same_training(two_straight, out)
 
 
+# sitecustomize for launched workers: NaN loss on process $NAN_RANK at its micro-steps $NAN_CALLS
+_NAN_HOOK = """
+import os
+if os.environ.get("RANK") == os.environ.get("NAN_RANK") and os.environ.get("NAN_CALLS"):
+    import sdtrain.engine.step as step
+    real, calls, bad = step.micro_step_loss, [], {
+        int(c) for c in os.environ["NAN_CALLS"].split(",")
+    }
+    def micro_step_loss(*args, **kwargs):
+        loss = real(*args, **kwargs)
+        calls.append(1)
+        return loss * float("nan") if len(calls) - 1 in bad else loss
+    step.micro_step_loss = micro_step_loss
+"""
+
+
+# per process: epoch 1 = micro-steps 0, 1 (step 1) and 2 (step 2: process 0's last image,
+# process 1's padding share); epoch 2 = 3, 4 (step 3) and 5 (step 4)
+@pytest.mark.parametrize(("rank", "call", "bad_step"), [("1", 3, 3), ("0", 2, 2)])
+def test_a_bad_step_on_one_process_is_skipped_the_same_way_deferred(
+    tmp_path, run_data, rank, call, bad_step
+):
+    """A NaN loss on one process: the agreed flag skips the update on both, and the deferred
+    settle gathers every process's images at the same point on each.
+
+    In a full window the runs are bit-identical. In the epoch's last, padded window, every_step
+    runs no backward on either process after DDP's synchronising forward, deferred runs it: the
+    next padded window's update then differs in the last bits (5e-8 here). The records match."""
+    import subprocess
+
+    from launched import launcher_command, launcher_env
+
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_NAN_HOOK)
+    outs = {}
+    for mode in ("every_step", "deferred"):
+        out = tmp_path / mode
+        config = write_config(
+            tmp_path / f"{mode}.toml",
+            run_data,
+            out,
+            network=NO_DROPOUT,
+            training={"host_sync": mode},
+        )
+        env = launcher_env()
+        env["PYTHONPATH"] = os.pathsep.join([str(hook), env.get("PYTHONPATH", "")])
+        env.update(NAN_RANK=rank, NAN_CALLS=str(call))
+        log = tmp_path / f"{mode}.log"
+        with open(log, "wb") as handle:
+            code = subprocess.run(
+                launcher_command(two_process_args(config)),
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                env=env,
+                timeout=600,
+            ).returncode
+        assert code == 0, log.read_text(errors="replace")[-4000:]
+        outs[mode] = out
+    a, b = outs["every_step"], outs["deferred"]
+    bad = [r for r in metrics(b) if r.get("nonfinite")]
+    assert [r["step"] for r in bad] == [bad_step] and len(bad[0]["images"]) >= 1
+    if bad_step == 3:
+        assert len(bad[0]["images"]) == 4  # both processes' two micro-batches
+        assert_same_training(a, b)
+        return
+    ra, rb = metrics(a), metrics(b)
+    assert [(r["step"], "nonfinite" in r) for r in ra] == [
+        (r["step"], "nonfinite" in r) for r in rb
+    ]
+    for x, y in zip(ra, rb, strict=True):
+        assert ("loss" in x) == ("loss" in y)
+        assert y.get("loss", 0.0) == pytest.approx(x.get("loss", 0.0), rel=1e-6)
+    ta, tb = lora_file(a / "t.safetensors")[0], lora_file(b / "t.safetensors")[0]
+    assert max(float((ta[k] - tb[k]).abs().max()) for k in ta) < 1e-6
+
+
 def test_ctrl_c_in_a_deferred_two_process_run_stops_everywhere_at_one_step(
     tmp_path, run_data, two_straight
 ):
