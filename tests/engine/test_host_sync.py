@@ -25,7 +25,7 @@ from sdtrain.engine.host_sync import Readback, deferred_obstacle, use_deferred
 from sdtrain.engine.loop_optimizer import LoopOptimizer
 from sdtrain.engine.loop_records import DeviceWindow
 from sdtrain.engine.state import load_counters
-from sdtrain.errors import ConfigError, Interrupted, TrainingError
+from sdtrain.errors import ConfigError, Interrupted
 
 DEFERRED = {"host_sync": "deferred"}
 
@@ -105,34 +105,6 @@ def test_validation_records_follow_their_step_in_both_modes(cli, tmp_path, run_d
     kinds = [("val" if any(k.startswith("val") for k in r) else "step", r["step"]) for r in records]
     assert ("val", 2) in kinds and kinds.index(("step", 2)) < kinds.index(("val", 2))
     assert_same_training(outs["every_step"], outs["deferred"])
-
-
-def test_consecutive_bad_steps_stop_one_forward_later_with_the_same_state(
-    cli, tmp_path, monkeypatch, run_data, straight
-):
-    """Deferred learns of the second bad step (5) during step 6's window, before its update:
-    one more forward/backward, the same state from before the bad run, the same records."""
-    out = tmp_path / "out"
-    training = {"max_nonfinite_steps": 2, **DEFERRED}
-    config = write_config(tmp_path / "run.toml", run_data, out, training=training)
-    calls = inject(monkeypatch, nan_at([5, 8]))
-    with pytest.raises(TrainingError) as info:
-        cli(["train", "lora", str(config)])
-    assert len(calls) == 10  # every_step stops after 9 (tests/engine/test_nonfinite.py)
-    state = out / "t-step00000003-state"
-    assert f"--resume {state}" in info.value.hint
-    counters = load_counters(state)
-    assert (counters.global_step, counters.position, counters.nonfinite_skipped) == (3, 0, 0)
-    assert [(r["step"], r.get("nonfinite", False)) for r in metrics(out)] == [
-        (1, False),
-        (2, False),
-        (3, False),
-        (4, True),
-        (5, True),
-    ]
-    monkeypatch.undo()
-    train(cli, config, "--resume", "auto")
-    assert_same_training(straight, out)
 
 
 def test_an_interrupted_deferred_run_resumes_bit_identical(
