@@ -20,10 +20,12 @@ import pytest
 import torch
 from train_runs import (
     STEPS,
+    assert_same,
     assert_same_training,
     lora_file,
     metrics,
     read_log,
+    state_contents,
     train,
     wait_until,
     write_config,
@@ -160,12 +162,12 @@ if os.environ.get("RANK") == os.environ.get("NAN_RANK") and os.environ.get("NAN_
 def test_a_bad_step_on_one_process_is_skipped_the_same_way_deferred(
     tmp_path, run_data, rank, call, bad_step
 ):
-    """A NaN loss on one process: the agreed flag skips the update on both, and the deferred
-    settle gathers every process's images at the same point on each.
-
-    In a full window the runs are bit-identical. In the epoch's last, padded window, every_step
-    runs no backward on either process after DDP's synchronising forward, deferred runs it: the
-    next padded window's update then differs in the last bits (5e-8 here). The records match."""
+    """A NaN loss on one process, in a full window and in the epoch's last, padded one: the
+    agreed flag skips the update on both processes, the deferred settle gathers every process's
+    images at the same point on each, and both modes end bit-identical. (With several processes
+    every_step also runs the bad micro-batch's backward: after DDP's synchronising forward, a
+    missing backward left DDP expecting one, and the next window's first backward was reduced
+    early, which changed the last bits of later updates.)"""
     import subprocess
 
     from launched import launcher_command, launcher_env
@@ -199,20 +201,12 @@ def test_a_bad_step_on_one_process_is_skipped_the_same_way_deferred(
         outs[mode] = out
     a, b = outs["every_step"], outs["deferred"]
     bad = [r for r in metrics(b) if r.get("nonfinite")]
-    assert [r["step"] for r in bad] == [bad_step] and len(bad[0]["images"]) >= 1
-    if bad_step == 3:
-        assert len(bad[0]["images"]) == 4  # both processes' two micro-batches
-        assert_same_training(a, b)
-        return
-    ra, rb = metrics(a), metrics(b)
-    assert [(r["step"], "nonfinite" in r) for r in ra] == [
-        (r["step"], "nonfinite" in r) for r in rb
-    ]
-    for x, y in zip(ra, rb, strict=True):
-        assert ("loss" in x) == ("loss" in y)
-        assert y.get("loss", 0.0) == pytest.approx(x.get("loss", 0.0), rel=1e-6)
-    ta, tb = lora_file(a / "t.safetensors")[0], lora_file(b / "t.safetensors")[0]
-    assert max(float((ta[k] - tb[k]).abs().max()) for k in ta) < 1e-6
+    assert [r["step"] for r in bad] == [bad_step]
+    assert len(bad[0]["images"]) == (4 if bad_step == 3 else 2)  # both processes' (padding too)
+    assert_same_training(a, b)
+    for step in (2, 4, 6):  # the periodic states too
+        stem = f"t-step{step:08d}"
+        assert_same(state_contents(a / f"{stem}-state"), state_contents(b / f"{stem}-state"))
 
 
 def test_a_state_resumes_only_on_its_process_count(cli, tmp_path, run_data, two_straight):

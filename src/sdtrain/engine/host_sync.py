@@ -14,9 +14,7 @@ next, and the GPU then waits for the CPU. `deferred` keeps them on the device:
   validation, sampling or a stop needs the counters settled.
 
 Both modes skip the same updates and write the same records and states (tests compare them on
-the CPU; with several processes, a bad step in an epoch's last, padded window leaves the later
-weights different in the last bits, since every_step then runs no backward after DDP's
-synchronising forward). Deferred learns of a run of bad steps one step later, before that
+the CPU, one and two processes). Deferred learns of a run of bad steps one step later, before that
 step's update. With several processes a stop (Ctrl-C) is agreed with the step's values, so all
 processes stop one step later than every_step (one asked for in the last step's window lets the
 run finish).

@@ -207,7 +207,10 @@ class Trainer(LoopSetup, LoopSaving, LoopAgreement, LoopOptimizer, LoopRecords):
                                 self._backward(loss, batch.loss_weight, accumulation, ends, True)
                             else:
                                 value, finite, self._stop_agreed = self._agree(loss, batch, stop)
-                                if finite or self.zero is not None:
+                                # several processes: every micro-batch goes through backward (DDP's
+                                # synchronising forward expects one; without it the next window's
+                                # first backward was reduced too); the bad window is skipped after
+                                if finite or self.zero is not None or procs.count > 1:
                                     self._backward(
                                         loss, batch.loss_weight, accumulation, ends, finite
                                     )
