@@ -127,13 +127,9 @@ class Processes:
     def is_main(self) -> bool:
         return self.index == 0
 
-    def agree(self, values: torch.Tensor) -> list[float]:
-        """Sums of `values` (a 1-d float64 tensor) over all processes, on the host (one host
-        sync; no collective on one process)."""
-        return [float(v) for v in self.agree_on_device(values).tolist()]
-
     def agree_on_device(self, values: torch.Tensor) -> torch.Tensor:
-        """Sums of `values` over all processes, left on the device (no host sync)."""
+        """Sums of `values` (a 1-d float64 tensor) over all processes, left on the device (no
+        host read; no collective on one process)."""
         group = _group()
         if group is not None and self.count > 1:
             values = values.clone()

@@ -317,10 +317,9 @@ def _encode_batch(
     """
     import torch
 
-    batch = torch.stack(pixels)
-    if device.type == "cuda":
-        batch = batch.pin_memory()
-    dist = vae.encode(batch.to(device, dtype=dtype, non_blocking=True)).latent_dist
+    from sdtrain.models.host_copy import to_device
+
+    dist = vae.encode(to_device(torch.stack(pixels), device, dtype)).latent_dist
     eps = torch.stack(
         [
             torch.randn(
@@ -328,5 +327,6 @@ def _encode_batch(
             )
             for key in keys
         ]
-    ).to(device)
+    )
+    eps = to_device(eps, device)
     return (dist.mean.float() + dist.std.float() * eps).cpu()

@@ -6,7 +6,6 @@ A mixin of engine.loop.Trainer, whose attributes it reads. On one process each i
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from sdtrain.data.batch import Batch
@@ -25,42 +24,26 @@ class LoopAgreement:
         return self.accelerator.no_sync(self.forward)
 
     def _agree(self, loss: Any, batch: Batch, stop: Any) -> tuple[float, bool, bool]:
-        """(mean loss of the global micro-batch, finite everywhere, stop requested anywhere).
-
-        One host read per micro-batch, as on one process; with several processes that read is
-        of one all-reduced (loss share, non-finite flag, stop flag) vector. A padding share
-        (weight 0) counts neither its loss nor its finiteness."""
-        import torch
-
-        count = self.processes.count
-        if count == 1:
-            value = float(loss.detach())
-            return value, math.isfinite(value), stop.requested is not None
-        mine = loss.detach().double().reshape(())
-        ok = torch.isfinite(mine)
-        zero = torch.zeros((), dtype=torch.float64, device=mine.device)
-        if batch.loss_weight == 0.0:
-            share, bad = zero, zero
-        else:
-            share = torch.where(ok, mine * (batch.loss_weight / count), zero)
-            bad = (~ok).double()
-        stopping = torch.full((), float(stop.requested is not None), device=mine.device)
-        total, bad_count, stops = self.processes.agree(torch.stack([share, bad, stopping.double()]))
-        return total, bad_count == 0, stops > 0
+        """(mean loss of the global micro-batch, finite everywhere, stop requested anywhere):
+        `_agree_on_device`'s vector, read on the host (one read per micro-batch)."""
+        total, finite, stops = self._agree_on_device(loss, batch, stop).tolist()
+        return total, finite == 1.0, stops > 0
 
     def _agree_on_device(self, loss: Any, batch: Batch, stop: Any) -> Any:
-        """_agree without the host read (host_sync = deferred): a float64 device tensor
-        (mean loss, 1 if finite everywhere, 1 if a stop was asked for anywhere), all-reduced
-        with several processes; engine/loop_records.py reads it a step later."""
+        """A float64 device tensor (mean loss of the global micro-batch, 1 if finite
+        everywhere, 1 if a stop was asked for anywhere), without a host read: with several
+        processes one all-reduced (loss share, non-finite flag, stop flag) vector, in which a
+        padding share (weight 0) counts neither its loss nor its finiteness. host_sync =
+        deferred reads it a step later (engine/loop_records.py), every_step at once."""
         import torch
 
         mine = loss.detach().double().reshape(())
         ok = torch.isfinite(mine)
-        zero = torch.zeros((), dtype=torch.float64, device=mine.device)
         stopping = torch.full((), float(stop.requested is not None), device=mine.device)
         count = self.processes.count
         if count == 1:
             return torch.stack([mine, ok.double(), stopping.double()])
+        zero = torch.zeros((), dtype=torch.float64, device=mine.device)
         if batch.loss_weight == 0.0:
             share, bad = zero, zero
         else:
