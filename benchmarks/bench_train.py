@@ -11,6 +11,8 @@ Every case runs in a fresh subprocess (peak RSS is per process):
   chooses, instead of im2col + GEMM for the U-Net's small maps: models/conv_path.py), for A/B.
 * sdtrain-eager: the same with SDTRAIN_EAGER_DIFFUSERS=1 (diffusers' model-family packages
   imported whole instead of lazily: sdtrain/lazy_packages.py), for A/B.
+* sdtrain-compile: the same with `[training] torch_compile = true` (inductor; the compile time
+  falls in the warm-up steps and the whole-process time), for A/B.
 * baseline: benchmarks/baseline_child.py, the reference-equivalent loop (default allocator; the
   models load through diffusers' and transformers' own from_pretrained, as the reference loads a
   diffusers folder; until 2026-12-06 it borrowed sdtrain's streaming loader).
@@ -160,6 +162,7 @@ def run_variant(variant: str, case: dict, work: Path, spec: str, steps: int, war
             steps=steps,
             precision=case["precision"],
             cached=case["latents"] == "cached",
+            training={"torch_compile": True} if variant == "sdtrain-compile" else None,
         )
         args = [str(HERE / "train_child.py"), "-q", "train", "lora", str(run)]
     else:

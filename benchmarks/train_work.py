@@ -190,8 +190,10 @@ def write_run_toml(
     steps: int,
     precision: str,
     cached: bool,
+    training: dict | None = None,
 ) -> Path:
-    """A LoRA run: dim 8 (alpha 1) on UNet + text encoder, AdamW, batch 1, no saves mid-run."""
+    """A LoRA run: dim 8 (alpha 1) on UNet + text encoder, AdamW, batch 1, no saves mid-run;
+    `training` adds [training] keys."""
     values = {
         "model": {"pretrained_model_name_or_path": model},
         "dataset": {"train_data_dir": str(data_dir), "resolution": resolution},
@@ -202,6 +204,7 @@ def write_run_toml(
             "cache_latents": cached,
             "seed": 1234,
             "mixed_precision": "bf16" if precision == "bf16" else "no",
+            **(training or {}),
         },
         "optimizer": {"optimizer_type": "AdamW", "learning_rate": 1e-4},
         "network": {"network_dim": 8, "network_alpha": 1.0},

@@ -78,8 +78,10 @@ else
   DB_ARGS="--steps 4"
 fi
 
-# (b) the gpu-marked tests (fp16 + scaler, bf16, SDPA, state save/load on CUDA, 2 processes)
-part pytest_gpu 100 $PY -m pytest -m gpu -q -p no:cacheprovider -o addopts="" tests
+# (b) the gpu-marked tests (fp16 + scaler, bf16, SDPA, state save/load on CUDA, 2 processes;
+#     the compiled run's test is part (e))
+part pytest_gpu 100 $PY -m pytest -m gpu -k "not compiled" -q -p no:cacheprovider \
+  -o addopts="" tests
 # (c) LoRA 512 px, batch 1 and 4: eager -> no host syncs -> fused AdamW, then the compiled ones
 part lora_eager 100 $PY benchmarks/gpu/bench_lora.py --variants eager,nosync,fused $LORA_ARGS \
   --out "$OUT/lora_eager.json"
@@ -90,7 +92,10 @@ part lora_compile 110 $PY benchmarks/gpu/bench_lora.py --variants compile $LORA_
 # (d) full-UNet DreamBooth step, peak VRAM per memory lever (skips if the command is missing)
 part dreambooth 120 $PY benchmarks/gpu/bench_dreambooth.py $DB_ARGS --lever-timeout 60 \
   --work /tmp/sdtrain-gpu-db --out "$OUT/dreambooth.json"
+# (e) the engine's torch_compile with CUDA graphs (three compiled runs: last, it is the slowest)
+part pytest_gpu_compile 150 $PY -m pytest -m gpu -k compiled -q -p no:cacheprovider \
+  -o addopts="" tests
 
-# (e) summary
+# (f) summary
 $PY benchmarks/gpu/summarize.py "$OUT" | tee "$OUT/summary.txt"
 log "done in $((SECONDS - START))s; results in $OUT"

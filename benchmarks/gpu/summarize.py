@@ -17,8 +17,8 @@ def _load(path: Path) -> dict | None:
         return None
 
 
-def _pytest_line(folder: Path) -> str:
-    log = folder / "pytest_gpu.log"
+def _pytest_line(folder: Path, name: str = "pytest_gpu") -> str:
+    log = folder / f"{name}.log"
     if not log.is_file():
         return "not run"
     lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
@@ -27,8 +27,14 @@ def _pytest_line(folder: Path) -> str:
 
 def main() -> None:
     folder = Path(sys.argv[1])
-    summary: dict = {"pytest_gpu": _pytest_line(folder), "lora": [], "dreambooth": None}
+    summary: dict = {
+        "pytest_gpu": _pytest_line(folder),
+        "pytest_gpu_compile": _pytest_line(folder, "pytest_gpu_compile"),
+        "lora": [],
+        "dreambooth": None,
+    }
     print(f"gpu tests: {summary['pytest_gpu']}")
+    print(f"gpu compile test: {summary['pytest_gpu_compile']}")
     print(f"{'variant':<12} {'batch':>5} {'s/step':>8} {'peak GiB':>9} {'warm-up s':>9}  note")
     for name in ("lora_eager", "lora_cudagraphs", "lora_compile"):
         report = _load(folder / f"{name}.json")

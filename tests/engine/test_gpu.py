@@ -151,3 +151,31 @@ def test_deferred_and_every_step_skip_the_same_steps_on_cuda(cli, tmp_path, monk
         ]
     assert outcomes["every_step"] == outcomes["deferred"]
     assert outcomes["deferred"][0] == (1, True, False) and outcomes["deferred"][2][2] is True
+
+
+def test_a_compiled_run_on_cuda_resumes_bit_identical(cli, tmp_path, monkeypatch, run_data):
+    """torch_compile on CUDA with CUDA graphs (inductor, reduce-overhead: one graph per bucket
+    shape, each micro-step a new cudagraph-tree generation), bf16 with host reads deferred:
+    every step is finite and an interrupted run resumes to the straight run's bits."""
+    from train_runs import assert_same_training, interrupt_at
+
+    from sdtrain.errors import Interrupted
+
+    training = {
+        "torch_compile": True,
+        "dynamo_mode": "reduce-overhead",
+        "mixed_precision": "bf16",
+        "host_sync": "deferred",
+    }
+    whole = tmp_path / "whole"
+    result = train(cli, write_config(tmp_path / "whole.toml", run_data, whole, training=training))
+    assert "torch.compile: inductor" in " ".join(result.output.split())
+    _records_ok(whole)
+    out = tmp_path / "out"
+    config = write_config(tmp_path / "run.toml", run_data, out, training=training)
+    inject(monkeypatch, interrupt_at(6))
+    with pytest.raises(Interrupted):
+        cli(["train", "lora", str(config)])
+    monkeypatch.undo()
+    train(cli, config, "--resume", "auto")
+    assert_same_training(whole, out)

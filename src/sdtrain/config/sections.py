@@ -233,6 +233,39 @@ class TrainingSection(Section):
         "deferred (one step later, the skip decided on the device: a GPU never waits; needs "
         "torch's fused AdamW/Adam/SGD); auto: deferred on CUDA where possible",
     )
+    torch_compile: bool = Field(
+        False,
+        description="compile the U-Net (and trained text encoders) with torch.compile, one "
+        "graph per bucket shape; on a CPU it measured slower than eager (see the README)",
+    )
+    dynamo_backend: (
+        Literal[
+            "no",
+            "eager",
+            "aot_eager",
+            "inductor",
+            "aot_ts_nvfuser",
+            "nvprims_nvfuser",
+            "cudagraphs",
+            "ofi",
+            "fx2trt",
+            "onnxrt",
+            "tensorrt",
+            "ipex",
+            "tvm",
+        ]
+        | None
+    ) = Field(
+        None,
+        description="torch.compile backend with torch_compile (default inductor); "
+        '"no" = not compiled; a backend this torch lacks is refused',
+    )
+    dynamo_mode: (
+        Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None
+    ) = Field(
+        None,
+        description="inductor mode with torch_compile; reduce-overhead = CUDA graphs (CUDA only)",
+    )
     validate_every_n_steps: int | None = Field(
         None, ge=1, description="validation loss every N steps (needs validation_split)"
     )
@@ -255,7 +288,26 @@ class TrainingSection(Section):
             raise ValueError('full_bf16 needs mixed_precision = "bf16"')
         if self.cache_latents_to_disk:
             self.cache_latents = True
+        if self.torch_compile and self.dynamo_backend == "no":
+            raise ValueError('torch_compile = true contradicts dynamo_backend = "no"')
+        if not self.torch_compile:  # the reference's default backend is inert there too
+            if self.dynamo_backend not in (None, "no", "inductor"):
+                raise ValueError("dynamo_backend applies only with torch_compile = true")
+            if self.dynamo_mode not in (None, "default"):
+                raise ValueError("dynamo_mode applies only with torch_compile = true")
+        if self.dynamo_mode not in (None, "default") and self.compile_backend != "inductor":
+            raise ValueError(
+                f'dynamo_mode = "{self.dynamo_mode}" is an inductor mode; dynamo_backend is '
+                f'"{self.compile_backend}"'
+            )
         return self
+
+    @property
+    def compile_backend(self) -> str | None:
+        """The torch.compile backend of this run; None: not compiled."""
+        if not self.torch_compile:
+            return None
+        return self.dynamo_backend or "inductor"
 
 
 class OptimizerSection(Section):

@@ -8,7 +8,8 @@ processes and that only the main process writes files.
 
 Supported: one process, several GPUs (DDP, one machine or several, from accelerate's config),
 several CPU processes (gloo), and DeepSpeed ZeRO stage 1/2 for the full-model methods
-(engine/zero.py). Refused by name: FSDP, Megatron-LM, XLA/TPU, torch dynamo compilation and
+(engine/zero.py). Refused by name: FSDP, Megatron-LM, XLA/TPU, accelerate's own dynamo
+compilation (the run config's `torch_compile` compiles in place, engine/compile.py) and
 accelerate-level gradient accumulation (sdtrain accumulates itself).
 
 The process layout (count, rank) is read from torch.distributed once its group is up: under
@@ -93,8 +94,10 @@ def make_accelerator(mixed_precision: str, unused_parameters: bool = False) -> A
     dynamo = getattr(getattr(accelerator.state, "dynamo_plugin", None), "backend", None)
     if dynamo is not None and str(getattr(dynamo, "name", dynamo)).upper() not in ("NO", "NONE"):
         raise TrainingError(
-            f"accelerate dynamo_backend {dynamo} is not supported",
-            hint="set dynamo_backend to NO in the accelerate config",
+            f"accelerate dynamo_backend {dynamo} is not supported: it would compile the whole "
+            "prepared step",
+            hint="set dynamo_backend to NO in the accelerate config and use [training] "
+            "torch_compile = true with dynamo_backend in the run config",
         )
     return accelerator
 

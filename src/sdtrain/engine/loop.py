@@ -124,6 +124,7 @@ class Trainer(LoopSetup, LoopSaving, LoopAgreement, LoopOptimizer, LoopRecords):
         self.trackers = trackers
         self.accelerator = accelerator
         self.outputs: list[Path] = []
+        self.compiled: Any = None  # engine.compile.Compiled with torch_compile
 
     # ----------------------------------------------------------------- the loop
     def run(self) -> TrainResult:
@@ -311,7 +312,8 @@ class Trainer(LoopSetup, LoopSaving, LoopAgreement, LoopOptimizer, LoopRecords):
             self._settle_pending()  # its record follows the step's
         if self.processes.is_main:  # evaluates the whole held-out split; the others wait
             saved = [p for p in self.outputs if p not in before]
-            record = self.hooks.validate(self.ctx, kind, epoch, counters.global_step, saved)
+            with self._uncompiled():
+                record = self.hooks.validate(self.ctx, kind, epoch, counters.global_step, saved)
             if record is not None:
                 metrics.write(record)
         self.processes.wait()

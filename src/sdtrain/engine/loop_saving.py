@@ -91,8 +91,16 @@ class LoopSaving:
         if due is None or due(kind, epoch, step):
             self._settle_pending()  # (a run that stops at this step draws nothing)
         if self.processes.is_main:
-            self.hooks.sample(kind, epoch, step)
+            with self._uncompiled():
+                self.hooks.sample(kind, epoch, step)
         self.processes.wait()
+
+    def _uncompiled(self):
+        """Validation and sampling run the compiled modules eagerly (engine/compile.py)."""
+        import contextlib
+
+        compiled = self.compiled
+        return compiled.eager() if compiled is not None else contextlib.nullcontext()
 
     def _eval_mode(self):
         import contextlib

@@ -97,6 +97,16 @@ class LoopSetup:
             from sdtrain.engine.zero import ZeroTraining
 
             self.zero = ZeroTraining(self.forward)
+        from sdtrain.engine.compile import compile_modules
+
+        self.compiled = compile_modules(  # in place, inside whatever prepare wrapped around it
+            training,
+            [bundle.unet]
+            + [te for te in text_encoders if any(p.requires_grad for p in te.parameters())],
+            self.device.type,
+            sum(2 * len(plan.buckets) for plan in self.data.datasets),
+            deepspeed,
+        )
         if self.resume is None:  # a resumed run loads its state into place
             from sdtrain.engine.optim_state import prime_state
 
@@ -119,6 +129,7 @@ class LoopSetup:
             self.precision,
             self.device,
             forward=self.forward,
+            compiled=self.compiled,
         )
 
     def _restore(self) -> Counters:

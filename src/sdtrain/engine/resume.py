@@ -27,6 +27,9 @@ HARMLESS_KEYS = {
     "training.vae_batch_size",
     "training.max_nonfinite_steps",
     "training.host_sync",
+    "training.torch_compile",  # kernels only, as model.attention
+    "training.dynamo_backend",
+    "training.dynamo_mode",
     "training.validate_every_n_steps",
     "training.validate_every_n_epochs",
     "training.max_validation_steps",

@@ -37,6 +37,8 @@ class StepContext:
     # the trained forward (engine.forward.TrainForward) as accelerate prepared it; None: built
     # here, unwrapped
     forward: Any = None
+    # engine.compile.Compiled when the U-Net is compiled (starts each CUDA-graph step)
+    compiled: Any = None
     # peft layers whose redundant fp32 input cast is switched off inside the autocast forward
     uncast: list[Any] = field(init=False, default_factory=list)
     # frozen weights kept in the file's half precision, up-cast per layer (engine/halfweights.py)
@@ -145,6 +147,8 @@ def micro_step_loss(
         input_casts_off(ctx.uncast),
         upcast_half_weights(ctx.upcast),
     ):
+        if ctx.compiled is not None:
+            ctx.compiled.mark_step()
         pred = ctx.forward(
             noisy.to(ctx.precision.weight if ctx.precision.autocast else torch.float32),
             timesteps,

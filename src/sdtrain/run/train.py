@@ -314,6 +314,12 @@ def _execute(prepared: Prepared, resume_hint: str) -> TrainResult:
             f"WORLD_SIZE={prepared.plan.facts.num_processes}",
             hint="start sdtrain through torchrun or accelerate launch only",
         )
+    from sdtrain.engine.compile import preflight
+
+    try:
+        preflight(cfg.training, device_type, accelerator.distributed_type.name == "DEEPSPEED")
+    except ConfigError as err:
+        raise _at_lines(prepared.loaded, err) from None
     if precision.mixed_precision == "bf16" and device_type == "cpu":
         from sdtrain.engine.cpu_bf16 import warn_if_emulated
 
