@@ -140,6 +140,19 @@ def test_a_deferred_two_process_run_is_the_every_step_one_bit_for_bit(
     assert_same_training(two_straight, out)
 
 
+def test_a_compiled_two_process_run_is_the_eager_one_bit_for_bit(tmp_path, run_data, two_straight):
+    """torch_compile (aot_eager: torch's kernels through the traced graphs) inside DDP: the
+    compiled modules sit under the DDP wrapper and its gradient exchange covers them."""
+    out = tmp_path / "out"
+    training = {"torch_compile": True, "dynamo_backend": "aot_eager"}
+    config = write_config(
+        tmp_path / "run.toml", run_data, out, network=NO_DROPOUT, training=training
+    )
+    run(two_process_args(config), tmp_path / "log.txt")
+    assert "torch.compile: aot_eager" in " ".join(read_log(tmp_path / "log.txt").split())
+    assert_same_training(two_straight, out)
+
+
 # sitecustomize for launched workers: NaN loss on process $NAN_RANK at its micro-steps $NAN_CALLS
 _NAN_HOOK = """
 import os

@@ -97,8 +97,16 @@ def _toml(value: Any) -> str:
     return json.dumps(str(value))
 
 
-def write_config(case: MethodCase, path: Path, data: Path, out: Path, **saving: Any) -> Path:
-    """The case's run config: tiny-sd1, STEPS steps, batch 1, accumulation 2, seed 7."""
+def write_config(
+    case: MethodCase,
+    path: Path,
+    data: Path,
+    out: Path,
+    training: dict[str, Any] | None = None,
+    **saving: Any,
+) -> Path:
+    """The case's run config: tiny-sd1, STEPS steps, batch 1, accumulation 2, seed 7;
+    `training` adds [training] keys, the keywords [saving] keys."""
     tables: dict[str, dict[str, Any]] = {
         "model": {"pretrained_model_name_or_path": "builtin:tiny-sd1"},
         "dataset": {"train_data_dir": str(data), "resolution": 64},
@@ -110,6 +118,7 @@ def write_config(case: MethodCase, path: Path, data: Path, out: Path, **saving: 
             "gradient_accumulation_steps": 2,
             "max_data_loader_n_workers": 0,
             "seed": 7,
+            **(training or {}),
         },
         "optimizer": {"learning_rate": 1e-2},
         "saving": {"save_state_on_train_end": True, **saving},
@@ -257,6 +266,23 @@ def check_exact_resume(cli: Callable, monkeypatch: Any, case: MethodCase, root: 
     assert_same(x.scheduler, y.scheduler, "scheduler")
     for path in final_files(first):
         assert_same(_tensors(path), _tensors(resumed / path.name), path.name)
+
+
+def check_compiled_is_eager(
+    cli: Callable, monkeypatch: Any, case: MethodCase, eager: Captured, root: Path
+) -> None:
+    """The case's run with torch_compile (aot_eager: torch's kernels through the traced
+    graphs) trains and writes what the eager run `eager` did, bit for bit."""
+    data = make_dataset(root, case)
+    out = root / "compiled"
+    compiled = {"torch_compile": True, "dynamo_backend": "aot_eager"}
+    config = write_config(case, root / "c.toml", data, out, training=compiled)
+    again = train(cli, monkeypatch, case, config)
+    assert again.trainer.compiled is not None
+    a, b = eager.trainer.method.trainable_state(), again.trainer.method.trainable_state()
+    assert_same(a, b, "trainable")
+    for path in final_files(eager):
+        assert_same(_tensors(path), _tensors(out / path.name), path.name)
 
 
 def _tensors(path: Path) -> Any:

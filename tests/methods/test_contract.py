@@ -164,6 +164,11 @@ def test_export_reloads_to_the_same_outputs(trained):
     contract.check_export_reload(case, captured)
 
 
+def test_a_compiled_run_is_the_eager_run(trained, cli, monkeypatch, tmp_path):
+    case, captured, _ = trained
+    contract.check_compiled_is_eager(cli, monkeypatch, case, captured, tmp_path)
+
+
 @pytest.mark.parametrize("name", sorted(BY_NAME))
 def test_resume_is_exact(name, cli, monkeypatch, tmp_path):
     contract.check_exact_resume(cli, monkeypatch, BY_NAME[name], tmp_path)

@@ -312,3 +312,29 @@ def test_adafactor_fused_backward_trains_end_to_end(run_dir, cli, captured):
     assert _changed(captured, "unet") > 0 and _changed(captured, "text_encoder") > 0
     records = (run_dir / "out" / "metrics.jsonl").read_text().splitlines()
     assert len(records) == 4 and all("nonfinite" not in line for line in records)
+
+
+def test_a_compiled_dreambooth_run_is_the_eager_one_bit_for_bit(run_dir, cli):
+    """torch_compile (aot_eager) with the full U-Net and text encoder trained, gradient
+    checkpointing, EMA and the text encoder frozen from step 3 on (its graphs recompile)."""
+    extra = ["--save_model_as", "safetensors", "--gradient_checkpointing"]
+    extra += ["--stop_text_encoder_training", "3", "--ema_decay", "0.5"]
+    finals = {}
+    for compiled in (False, True):
+        out = run_dir / f"out-{compiled}"
+        flags = ["--torch_compile", "--dynamo_backend", "aot_eager"] if compiled else []
+        result = cli(
+            ["train", "dreambooth", str(run_dir / "db.toml"), *extra, "--output_dir", str(out)]
+            + flags
+        )
+        assert result.exit_code == 0, result.output
+        assert ("torch.compile: aot_eager, 2 module(s)" in " ".join(result.output.split())) is (
+            compiled
+        )
+        finals[compiled] = (
+            _last_weights(out, "db.safetensors"),
+            _last_weights(out, "db-ema.safetensors"),
+        )
+    for eager, compiled in zip(finals[False], finals[True], strict=True):
+        assert eager.keys() == compiled.keys()
+        assert all(torch.equal(eager[k], compiled[k]) for k in eager)
