@@ -59,6 +59,7 @@ def test_glibc_tunables_merge_with_other_tunables(no_tcmalloc):
     assert parts[0] == "glibc.cpu.hwcaps=-AVX512F"
     assert "glibc.malloc.mmap_max=0" in parts
     assert any(p.startswith("glibc.malloc.trim_threshold=") for p in parts)
+    assert "glibc.malloc.arena_max=1" in parts
 
 
 def test_tcmalloc_is_preferred_and_keeps_existing_preloads(monkeypatch):

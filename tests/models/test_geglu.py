@@ -63,11 +63,14 @@ def test_it_saves_one_inner_width_less():
 
 def test_unet_with_lora_trains_identically(tiny_sd1):
     """The tiny U-Net (its transformer blocks' GEGLUs), with peft LoRA adapters on every
-    projection including GEGLU's: the same prediction and the same LoRA and input gradients."""
+    projection including GEGLU's and the feed-forward's output layer: the same prediction and
+    the same LoRA and input gradients."""
     from diffusers.models.activations import GEGLU
     from peft import LoraConfig, inject_adapter_in_model
 
-    config = LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=["proj"])
+    config = LoraConfig(
+        r=4, lora_alpha=4, init_lora_weights=False, target_modules=["proj", "net.2"]
+    )
     unets = []
     for recompute in (False, True):
         torch.manual_seed(0)  # the same adapter weights in both
@@ -105,3 +108,81 @@ def test_without_gradients_and_opted_out_it_is_the_stock_module(monkeypatch):
     fresh = _geglu()
     assert use_recomputing_geglu(fresh) == 0
     assert "forward" not in vars(fresh)
+
+
+def _feed_forward():
+    from diffusers.models.attention import FeedForward
+    from peft import LoraConfig, inject_adapter_in_model
+
+    torch.manual_seed(0)
+    ff = FeedForward(24, activation_fn="geglu", inner_dim=40)
+    config = LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=["net.2"])
+    return inject_adapter_in_model(config, ff)
+
+
+def _ff_run(ff, x, grad_out, wrap=None):
+    xi = x.clone().requires_grad_(True)
+    out = ff(xi) if wrap is None else wrap(ff, xi)
+    out.backward(grad_out)
+    grads = {n: p.grad for n, p in ff.named_parameters() if p.grad is not None}
+    return out, xi.grad, grads
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_feed_forward_keeps_the_projection_instead_of_the_product(monkeypatch, dtype):
+    """The output layer's saved input (its LoRA's) is the gated product: kept as the projection
+    `_GatedGelu` keeps anyway and computed again in backward; every gradient is the same."""
+    import weakref
+
+    stock = _feed_forward().to(dtype)
+    lever = copy.deepcopy(stock)
+    use_recomputing_geglu(lever)
+    assert "forward" in vars(lever)
+    x = torch.randn(2, 16, 24, generator=torch.Generator().manual_seed(1)).to(dtype)
+    grad_out = torch.randn(2, 16, 24, generator=torch.Generator().manual_seed(2)).to(dtype)
+    products, recomputed = [], []
+    real_apply, real_product = geglu_module._GatedGelu.apply, geglu_module._gated_product
+
+    def apply(projected):
+        out = real_apply(projected)
+        products.append(weakref.ref(out))
+        return out
+
+    def product(projected):
+        recomputed.append(1)
+        return real_product(projected)
+
+    monkeypatch.setattr(geglu_module._GatedGelu, "apply", apply)
+    monkeypatch.setattr(geglu_module, "_gated_product", product)
+    xi = x.clone().requires_grad_(True)
+    out = lever(xi)
+    (product_ref,) = products
+    assert product_ref() is None  # the graph holds no reference to the product
+    out.backward(grad_out)
+    assert recomputed  # backward read the saved input through the recomputation
+    a = _ff_run(stock, x, grad_out)
+    b = (out, xi.grad, {n: p.grad for n, p in lever.named_parameters() if p.grad is not None})
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert a[2].keys() == b[2].keys() and all(torch.equal(a[2][n], b[2][n]) for n in a[2])
+
+
+def test_under_checkpointing_the_feed_forward_leaves_saving_to_it(monkeypatch):
+    """Inside gradient checkpointing (its own saved-tensor hooks) the lever stands aside."""
+    from torch.utils.checkpoint import checkpoint
+
+    stock = _feed_forward()
+    lever = copy.deepcopy(stock)
+    use_recomputing_geglu(lever)
+    called = []
+    real = geglu_module._gated_product
+    monkeypatch.setattr(geglu_module, "_gated_product", lambda p: called.append(1) or real(p))
+    x = torch.randn(2, 16, 24, generator=torch.Generator().manual_seed(1))
+    grad_out = torch.randn(2, 16, 24, generator=torch.Generator().manual_seed(2))
+
+    def wrap(ff, xi):
+        return checkpoint(ff, xi, use_reentrant=False)
+
+    a, b = _ff_run(stock, x, grad_out, wrap), _ff_run(lever, x, grad_out, wrap)
+    assert not called
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert all(torch.equal(a[2][n], b[2][n]) for n in a[2])

@@ -197,11 +197,13 @@ def test_latents_cached_during_the_load_train_the_same_lora(run_dir, cli, monkey
 
 def test_memory_levers_train_the_same_lora_and_states(run_dir, cli, monkeypatch):
     """An fp32 LoRA run on a half model file (toy-sd1 is float16) keeps the text encoder's token
-    embedding half (models/half_embedding.py) and recomputes the U-Net's GEGLU gate in backward
-    (models/geglu.py); both switched off, it trains the same adapters and writes the same
-    resumable states, bit for bit."""
+    embedding half (models/half_embedding.py), recomputes the U-Net's GEGLU gate and the
+    feed-forward output layer's saved input in backward (models/geglu.py) and keeps only fc1's
+    output of the text encoder's MLPs (models/clip_mlp.py); all switched off, it trains the same
+    adapters and writes the same resumable states, bit for bit."""
     import sdtrain.models.load as load
     from sdtrain.engine.halfweights import has_frozen_half
+    from sdtrain.models.clip_mlp import OPT_OUT as MLP_OPT_OUT
     from sdtrain.models.geglu import OPT_OUT as GEGLU_OPT_OUT
     from sdtrain.models.half_embedding import OPT_OUT as EMBEDDING_OPT_OUT
     from sdtrain.models.half_embedding import HalfTokenEmbedding
@@ -224,6 +226,7 @@ def test_memory_levers_train_the_same_lora_and_states(run_dir, cli, monkeypatch)
         if name == "off":
             monkeypatch.setenv(EMBEDDING_OPT_OUT, "fp32")
             monkeypatch.setenv(GEGLU_OPT_OUT, "stock")
+            monkeypatch.setenv(MLP_OPT_OUT, "stock")
         result = cli(["train", "lora", str(toml)])
         assert result.exit_code == 0, result.output
         (run_dir / "out").rename(run_dir / name)
@@ -237,6 +240,11 @@ def test_memory_levers_train_the_same_lora_and_states(run_dir, cli, monkeypatch)
     geglus = [m for m in on.unet.modules() if type(m).__name__ == "GEGLU"]
     assert geglus and all("forward" in vars(m) for m in geglus)
     assert not any("forward" in vars(m) for m in off.unet.modules() if type(m).__name__ == "GEGLU")
+    feed_forwards = [m for m in on.unet.modules() if type(m).__name__ == "FeedForward"]
+    assert feed_forwards and all("forward" in vars(m) for m in feed_forwards)
+    mlps = [m for m in on.text_encoder.modules() if type(m).__name__ == "CLIPMLP"]
+    assert mlps and all("forward" in vars(m) for m in mlps)
+    assert not any("forward" in vars(m) for m in off.text_encoder.modules())
 
     files = sorted(p.relative_to(run_dir / "on") for p in (run_dir / "on").rglob("*.safetensors"))
     assert files == sorted(

@@ -285,6 +285,7 @@ def _execute(prepared: Prepared, resume_hint: str) -> TrainResult:
     from sdtrain.engine.sampling import SampleHook, load_prompts
     from sdtrain.engine.state import load_state
     from sdtrain.methods.adapters.metadata import training_metadata
+    from sdtrain.models.clip_mlp import use_recomputing_mlp
     from sdtrain.models.conv_path import use_gemm_convolutions
     from sdtrain.models.geglu import use_recomputing_geglu
     from sdtrain.models.half_embedding import keep_token_embedding_half
@@ -344,6 +345,8 @@ def _execute(prepared: Prepared, resume_hint: str) -> TrainResult:
     _fill_class_images(prepared, bundle, processes, class_images)
     use_gemm_convolutions(bundle.unet)  # training only: generate keeps torch's kernels
     use_recomputing_geglu(bundle.unet)
+    for encoder in bundle.family.text_encoders(bundle):
+        use_recomputing_mlp(encoder)
     if _half_token_embedding(method, precision):
         for encoder in bundle.family.text_encoders(bundle):
             keep_token_embedding_half(encoder)  # when its values are exact in half precision
