@@ -170,3 +170,13 @@ def test_an_interrupted_inductor_run_resumes_bit_identical(
     monkeypatch.undo()
     train(cli, config, "--resume", "auto")
     assert_same_training(whole, out)
+
+
+def test_frozen_half_weights_are_refused():
+    """The opt-in frozen-half mode wraps the forward in its own up-cast mode and hooks."""
+    training = TrainingSection(torch_compile=True, dynamo_backend="eager")
+    with pytest.raises(ConfigError) as info:
+        compile_module.compile_modules(training, [], "cpu", 1, frozen_half=True)
+    (problem,) = info.value.problems
+    assert problem.key == "training.torch_compile" and "SDTRAIN_FROZEN_HALF" in problem.message
+    assert compile_module.compile_modules(TrainingSection(), [], "cpu", 1) is None

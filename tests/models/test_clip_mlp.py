@@ -89,3 +89,22 @@ def test_without_gradients_under_checkpointing_and_opted_out_it_is_the_stock_mod
     fresh = _mlp("quick_gelu")
     assert use_recomputing_mlp(fresh) == 0
     assert "forward" not in vars(fresh)
+
+
+def test_under_autocast_the_recomputation_gives_the_same_bits():
+    """fp32 weights, the forward under CPU bf16 autocast, backward outside it (as training)."""
+    stock = _mlp("quick_gelu")
+    lever = copy.deepcopy(stock)
+    use_recomputing_mlp(lever)
+    x = torch.randn(2, 7, 24, generator=torch.Generator().manual_seed(1))
+    grad_out = torch.randn(2, 7, 24, generator=torch.Generator().manual_seed(2))
+    results = []
+    for mlp in (stock, lever):
+        xi = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = mlp(xi)
+        assert out.dtype == torch.bfloat16
+        out.backward(grad_out.to(out.dtype))
+        grads = {n: p.grad for n, p in mlp.named_parameters() if p.grad is not None}
+        results.append((out, xi.grad, grads))
+    _assert_same(*results)

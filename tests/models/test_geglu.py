@@ -186,3 +186,22 @@ def test_under_checkpointing_the_feed_forward_leaves_saving_to_it(monkeypatch):
     assert not called
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert all(torch.equal(a[2][n], b[2][n]) for n in a[2])
+
+
+def test_the_feed_forward_under_autocast_gives_the_same_bits():
+    """fp32 weights, the forward under CPU bf16 autocast, backward outside it (as training)."""
+    stock = _feed_forward()
+    lever = copy.deepcopy(stock)
+    use_recomputing_geglu(lever)
+    x = torch.randn(2, 16, 24, generator=torch.Generator().manual_seed(1))
+    grad_out = torch.randn(2, 16, 24, generator=torch.Generator().manual_seed(2))
+
+    def autocast(ff, xi):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return ff(xi)
+
+    a = _ff_run(stock, x, grad_out.to(torch.bfloat16), autocast)
+    b = _ff_run(lever, x, grad_out.to(torch.bfloat16), autocast)
+    assert a[0].dtype == torch.bfloat16
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert a[2].keys() == b[2].keys() and all(torch.equal(a[2][n], b[2][n]) for n in a[2])

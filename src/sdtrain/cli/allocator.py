@@ -13,10 +13,10 @@ re-executes itself once, before any heavy import, with:
   libtcmalloc.so.4 (Debian/Ubuntu: `apt install libtcmalloc-minimal4`), else
 * on glibc, GLIBC_TUNABLES `_GLIBC_MALLOC`: no mmap for any block (mmap_max=0: everything comes
   from the heap and is reused), no heap trimming (the peak comes back every step anyway),
-  transparent huge pages for the heap and one arena for all threads. Measured on the full SD1.5 architecture (fp32, 256 px,
-  one thread, process CPU time per step): glibc defaults 4.7-5.0 s with 0.33-0.47 million page
-  faults; these tunables 4.12-4.16 s with ~0 faults at the same peak RSS; tcmalloc 4.12-4.13 s
-  and 10% less peak RSS.
+  transparent huge pages for the heap and one arena for all threads. Measured on the full SD1.5
+  architecture (fp32, 256 px, one thread, process CPU time per step): glibc defaults 4.7-5.0 s
+  with 0.33-0.47 million page faults; these tunables 4.12-4.16 s with ~0 faults at the same peak
+  RSS; tcmalloc 4.12-4.13 s and 10% less peak RSS.
 
 Nothing is changed when SDTRAIN_NO_REEXEC=1 (the opt-out), when the process is already the
 re-executed one (SDTRAIN_REEXECED=1), when the user set their own allocator (LD_PRELOAD naming a

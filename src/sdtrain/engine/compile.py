@@ -11,9 +11,11 @@ without gradients at other shapes, which would only add compilations.
 
 Refused by name (exit 2, the key): a backend this torch has not registered or whose package is
 missing, inductor without a C++ compiler (CPU) or triton (CUDA), CUDA graphs (`cudagraphs`,
-`dynamo_mode = "reduce-overhead"`) without CUDA, and DeepSpeed. On a CPU it is allowed with a
-warning: on the SD1.5 LoRA benchmark it compiled for about 4.5 minutes and then ran slower than
-eager (3.66 against about 3.3 s/step) with 3.4 GiB more peak memory (README, Speed).
+`dynamo_mode = "reduce-overhead"`) without CUDA, DeepSpeed, and frozen weights kept half
+(SDTRAIN_FROZEN_HALF=1, whose per-layer up-cast mode wraps the forward). On a CPU it is allowed
+with a warning: on the SD1.5 LoRA benchmark (fp32, 256 px, 2-vCPU EPYC, 2026-12-07) inductor
+compiled for about 130 s and then stepped in 3.63 s against eager's 2.95 s, with a peak RSS of
+7.81 GiB against 4.83 (README, Speed).
 
 Exactness: a compiled graph gives the same bits for the same inputs every time, so a resumed run
 (which compiles the same graphs again) continues bit-identically; against eager, inductor's
@@ -159,14 +161,22 @@ def compile_modules(
     device_type: str,
     shapes: int,
     deepspeed: bool = False,
+    frozen_half: bool = False,
 ) -> Compiled | None:
     """Compiles `modules` in place as the run asks (None: not compiled); `shapes` is how many
-    distinct batch shapes the plan has (each compiles once)."""
+    distinct batch shapes the plan has (each compiles once); `frozen_half`: the forward up-casts
+    half frozen weights per layer (engine/halfweights.py), refused."""
     backend = training.compile_backend
     if backend is None:
         return None
     mode = _mode(training)
     check_backend(backend, mode, device_type, deepspeed)
+    if frozen_half:
+        raise _refuse(
+            "training.torch_compile",
+            "torch_compile with frozen weights kept half (SDTRAIN_FROZEN_HALF=1) is not supported",
+            "unset SDTRAIN_FROZEN_HALF, or drop torch_compile",
+        )
     import torch._dynamo
     import torch._dynamo.config
 

@@ -98,6 +98,7 @@ class LoopSetup:
 
             self.zero = ZeroTraining(self.forward)
         from sdtrain.engine.compile import compile_modules
+        from sdtrain.engine.halfweights import has_frozen_half
 
         self.compiled = compile_modules(  # in place, inside whatever prepare wrapped around it
             training,
@@ -106,6 +107,7 @@ class LoopSetup:
             self.device.type,
             sum(2 * len(plan.buckets) for plan in self.data.datasets),
             deepspeed,
+            not self.precision.autocast and has_frozen_half([bundle.unet, *text_encoders]),
         )
         if self.resume is None:  # a resumed run loads its state into place
             from sdtrain.engine.optim_state import prime_state

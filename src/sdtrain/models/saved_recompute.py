@@ -11,11 +11,16 @@ the others are one elementwise function of it away.
   lies on `product`'s memory (the tensor itself, or a view such as a LoRA layer's flattened
   input) is kept as `source` and rebuilt as `recompute(source)` (with the saved view's shape,
   strides and offset) when backward reads it. `source` is kept anyway, so the product's memory is
-  freed as soon as the forward no longer uses it.
+  freed as soon as the forward no longer uses it. The match is by memory address: the caller
+  keeps `product` referenced until the block exits, so no other tensor can take its address
+  while the hooks are in force.
 
 `ready(t)`: only where it is sound to install the hooks: gradients recorded, no other saved-tensor
-hooks in force (gradient checkpointing brings its own and decides what is kept), not inside
-torch.compile (which plans its own saved tensors), CPU or CUDA.
+hooks in force (gradient checkpointing brings its own and decides what is kept, and so does the
+opt-in frozen-half mode, engine/halfweights.py), not inside torch.compile (which plans its own
+saved tensors), CPU or CUDA. Autocast: the recomputed ops (chunk, gelu, sigmoid, products) are on
+no autocast list, so their values do not depend on whether backward runs under autocast (tested
+under CPU bf16 autocast).
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ class Recomputed(torch.autograd.Function):
         return act(h)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # a double backward fails loudly
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         (h,) = ctx.saved_tensors
         with torch.enable_grad():
