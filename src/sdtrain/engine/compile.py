@@ -134,12 +134,8 @@ class Compiled:
     starts a CUDA-graph step (with cudagraph trees, each training step's replays are one
     generation; a no-op otherwise)."""
 
-    def __init__(self, backend: str, mode: str | None, device_type: str) -> None:
-        self.backend = backend
-        self.mode = mode
-        self.cuda_graphs = device_type == "cuda" and (
-            backend == "cudagraphs" or mode in CUDA_GRAPH_MODES
-        )
+    def __init__(self, cuda_graphs: bool) -> None:
+        self.cuda_graphs = cuda_graphs
 
     @contextlib.contextmanager
     def eager(self) -> Iterator[None]:
@@ -183,7 +179,9 @@ def compile_modules(
     # a run starts from no compiled code, as a fresh process does (in-process runs, tests):
     # every module's graphs hang off the one shared `nn.Module._call_impl` frame
     torch._dynamo.reset()
-    # one graph per shape for every compiled module (train and no-grad forwards count apart)
+    # every compiled module's graphs are entries of the one `_call_impl` frame: one per shape
+    # for the U-Net and for a text encoder, and a few for guard changes (a text encoder frozen
+    # mid-run); validation and sampling run eagerly and add none
     needed = 2 * max(shapes, 1) + 4
     if torch._dynamo.config.recompile_limit < needed:
         torch._dynamo.config.recompile_limit = needed
@@ -210,4 +208,4 @@ def compile_modules(
         len(modules),
         shapes,
     )
-    return Compiled(backend, mode, device_type)
+    return Compiled(device_type == "cuda" and (backend == "cudagraphs" or mode in CUDA_GRAPH_MODES))

@@ -30,6 +30,7 @@ turns it off (A/B).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import types
 from typing import Any
@@ -88,13 +89,12 @@ def _ff_forward(self: Any, hidden_states: torch.Tensor, *args: Any, **kwargs: An
     if args or kwargs.get("scale") is not None or not ready(hidden_states):
         return FeedForward.forward(self, hidden_states, *args, **kwargs)
     projected = self.net[0].proj(hidden_states)
-    if not projected.requires_grad:  # nothing is kept: GEGLU's own product
-        out = _gated_product(projected)
-        for layer in self.net[1:]:
-            out = layer(out)
-        return out
-    out = _GatedGelu.apply(projected)
-    with kept_as(out, projected, lambda source: _gated_product(source)):
+    if projected.requires_grad:
+        out = _GatedGelu.apply(projected)
+        keeping = kept_as(out, projected, _gated_product)
+    else:  # nothing is kept: GEGLU's own product
+        out, keeping = _gated_product(projected), contextlib.nullcontext()
+    with keeping:
         for layer in self.net[1:]:  # Dropout(0) returns its input; the output Linear
             out = layer(out)
     return out
