@@ -19,7 +19,10 @@ step: median over the steps after the warm-up; compare only numbers of one sitti
 
 Each sdtrain case also records RSS and peak RSS at the end of each phase (load + caching, engine
 setup, every step); with BENCH_LIVE=1 the bytes of live CPU tensors too (RSS above them is
-runtime plus allocator waste).
+runtime plus allocator waste). The sdtrain cases run under the allocator a user's `sdtrain train`
+gets (tcmalloc where there is one, see scripts/fetch_tcmalloc.sh; glibc tunables otherwise);
+`--allocator glibc` forces glibc's malloc with sdtrain's tunables, for A/B. The baseline always
+runs with the default allocator, as the reference does.
 
 Usage: python benchmarks/bench_full.py [--cases fp32,adafactor_fused,...] [--steps 2,3]
        [--model-cache DIR] [--out result.json]
@@ -151,6 +154,9 @@ def child_sdtrain(result_path: str, total_steps: int, args: list[str]) -> None:
                 dtypes[kind] = dtypes.get(kind, 0) + p.numel()
         info["param_dtypes"] = dtypes
         info["threads"] = torch.get_num_threads()
+        info["allocator_env"] = {
+            k: os.environ[k] for k in ("LD_PRELOAD", "GLIBC_TUNABLES") if k in os.environ
+        }
 
     def after_step(self, counters):
         stamps.append(time.perf_counter())
@@ -241,10 +247,16 @@ def _summary(raw: dict, warmup: int) -> dict:
     }
 
 
-def run_case(name: str, model: str, work: Path, warmup: int, timed: int) -> dict:
+def run_case(
+    name: str, model: str, work: Path, warmup: int, timed: int, allocator: str = "auto"
+) -> dict:
     total = warmup + timed
     result = work / f"{name}.json"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if allocator == "glibc" and name != "baseline":
+        from sdtrain.cli.allocator import GLIBC_MALLOC
+
+        env["GLIBC_TUNABLES"] = GLIBC_MALLOC  # a user's own tunables: no tcmalloc re-exec
     if name == "baseline":
         cmd = [sys.executable, __file__, "--child", "baseline", str(result), model, str(total)]
     else:
@@ -277,6 +289,9 @@ def main() -> None:
     parser.add_argument("--model-cache", help="keep the generated model folder here (reused)")
     parser.add_argument("--preset", default="full", help="full, or tiny to try the plumbing")
     parser.add_argument("--out")
+    parser.add_argument(
+        "--allocator", choices=("auto", "glibc"), default="auto", help="for the sdtrain cases"
+    )
     args = parser.parse_args()
     warmup, timed = (int(v) for v in args.steps.split(","))
     with tempfile.TemporaryDirectory(prefix="sdtrain-bench-full-") as tmp:
@@ -292,10 +307,11 @@ def main() -> None:
             "work": "full SD1.5 architecture (random weights), U-Net + text encoder trained, "
             "256 px, batch 1, cached latents",
             "steps": {"warmup": warmup, "timed": timed},
+            "allocator": args.allocator,
             "cases": {},
         }
         for name in args.cases.split(","):
-            results["cases"][name] = run_case(name, model, work, warmup, timed)
+            results["cases"][name] = run_case(name, model, work, warmup, timed, args.allocator)
             print(json.dumps({name: results["cases"][name]}), file=sys.stderr, flush=True)
         base = results["cases"].get("baseline", {}).get("s_per_step")
         ours = results["cases"].get("fp32_adamw", {}).get("s_per_step")

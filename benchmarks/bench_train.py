@@ -5,6 +5,8 @@ Every case runs in a fresh subprocess (peak RSS is per process):
   step timestamps), on generated images and a generated run TOML; the allocator re-exec happens
   as for a user.
 * sdtrain-noreexec: the same with SDTRAIN_NO_REEXEC=1 (the allocator lever off), for A/B.
+* sdtrain-glibc: the same with glibc's malloc and sdtrain's tunables even where tcmalloc is there
+  (the system's or the environment's own copy, see scripts/fetch_tcmalloc.sh), for A/B.
 * sdtrain-half: the same with SDTRAIN_FROZEN_HALF=1 (a half model file's frozen weights kept
   half and up-cast per layer instead of up-cast to fp32 at load), for A/B.
 * sdtrain-onednn: the same with SDTRAIN_CONV=onednn (every convolution through oneDNN, as torch
@@ -144,6 +146,10 @@ def run_variant(variant: str, case: dict, work: Path, spec: str, steps: int, war
     if variant.startswith("sdtrain"):
         if variant == "sdtrain-noreexec":
             env["SDTRAIN_NO_REEXEC"] = "1"
+        if variant == "sdtrain-glibc":
+            from sdtrain.cli.allocator import GLIBC_MALLOC
+
+            env["GLIBC_TUNABLES"] = GLIBC_MALLOC  # a user's own tunables: no tcmalloc re-exec
         if variant == "sdtrain-half":
             env["SDTRAIN_FROZEN_HALF"] = "1"
         if variant == "sdtrain-onednn":

@@ -12,4 +12,5 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/python -m pip install -q "torch==${SDTRAIN_TORCH_VERSION:-2.13.0}"
 fi
 .venv/bin/python -m pip install -q -e ".[dev]"
+bash scripts/fetch_tcmalloc.sh .venv || true
 echo "sdtrain installed in $(pwd)/.venv  (activate with: source .venv/bin/activate)"

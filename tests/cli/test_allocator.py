@@ -65,9 +65,12 @@ def test_glibc_tunables_merge_with_other_tunables(no_tcmalloc):
 def test_tcmalloc_is_preferred_and_keeps_existing_preloads(monkeypatch):
     monkeypatch.setattr(allocator.sys, "platform", "linux")
     monkeypatch.setattr(allocator, "find_tcmalloc", lambda: "/lib/libtcmalloc_minimal.so.4")
-    assert allocator_env({}) == {"LD_PRELOAD": "/lib/libtcmalloc_minimal.so.4"}
+    quiet = {"TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(1 << 40)}
+    assert allocator_env({}) == {"LD_PRELOAD": "/lib/libtcmalloc_minimal.so.4", **quiet}
     env = allocator_env({"LD_PRELOAD": "/lib/libfoo.so"})
-    assert env == {"LD_PRELOAD": "/lib/libtcmalloc_minimal.so.4:/lib/libfoo.so"}
+    assert env == {"LD_PRELOAD": "/lib/libtcmalloc_minimal.so.4:/lib/libfoo.so", **quiet}
+    env = allocator_env({"TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": "1000"})
+    assert env == {"LD_PRELOAD": "/lib/libtcmalloc_minimal.so.4"}  # the user's own bar stays
 
 
 def test_not_linux_means_no_change(monkeypatch):
@@ -76,6 +79,7 @@ def test_not_linux_means_no_change(monkeypatch):
 
 
 def test_find_tcmalloc_reads_the_linker_cache(monkeypatch, tmp_path):
+    monkeypatch.setattr(allocator.sys, "prefix", str(tmp_path / "env"))  # no private copy
     full = tmp_path / "libtcmalloc.so.4"
     minimal = tmp_path / "libtcmalloc_minimal.so.4"
     full.touch()
@@ -92,6 +96,25 @@ def test_find_tcmalloc_reads_the_linker_cache(monkeypatch, tmp_path):
     assert find_tcmalloc() == str(minimal)
     monkeypatch.setattr(allocator.subprocess, "run", lambda *a, **k: SimpleNamespace(stdout=""))
     assert find_tcmalloc() is None
+
+
+def test_find_tcmalloc_falls_back_to_the_environments_own_copy(monkeypatch, tmp_path):
+    """scripts/install.sh puts Debian's library in <prefix>/lib/sdtrain-malloc/ without root;
+    the system's library, when the linker knows one, comes first."""
+    monkeypatch.setattr(allocator.sys, "prefix", str(tmp_path))
+    monkeypatch.setattr(allocator.subprocess, "run", lambda *a, **k: SimpleNamespace(stdout=""))
+    assert find_tcmalloc() is None
+    private = tmp_path / "lib" / allocator.PRIVATE_DIR / "libtcmalloc_minimal.so.4"
+    private.parent.mkdir(parents=True)
+    private.touch()
+    assert find_tcmalloc() == str(private)
+    system = tmp_path / "libtcmalloc_minimal.so.4"
+    system.touch()
+    listing = f"\tlibtcmalloc_minimal.so.4 (libc6,x86-64) => {system}\n"
+    monkeypatch.setattr(
+        allocator.subprocess, "run", lambda *a, **k: SimpleNamespace(stdout=listing)
+    )
+    assert find_tcmalloc() == str(system)
 
 
 _PROBE = (

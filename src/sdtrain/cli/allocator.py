@@ -10,13 +10,20 @@ takes effect if it is in the environment when the process starts, so `sdtrain tr
 re-executes itself once, before any heavy import, with:
 
 * tcmalloc preloaded (LD_PRELOAD) when `ldconfig -p` lists libtcmalloc_minimal.so.4 or
-  libtcmalloc.so.4 (Debian/Ubuntu: `apt install libtcmalloc-minimal4`), else
-* on glibc, GLIBC_TUNABLES `_GLIBC_MALLOC`: no mmap for any block (mmap_max=0: everything comes
+  libtcmalloc.so.4 (Debian/Ubuntu: `apt install libtcmalloc-minimal4`), or when the environment
+  has its own copy in `<prefix>/lib/sdtrain-malloc/` (scripts/install.sh puts Debian's there,
+  without root, where the system has none), else
+* on glibc, GLIBC_TUNABLES `GLIBC_MALLOC`: no mmap for any block (mmap_max=0: everything comes
   from the heap and is reused), no heap trimming (the peak comes back every step anyway),
   transparent huge pages for the heap and one arena for all threads. Measured on the full SD1.5
   architecture (fp32, 256 px, one thread, process CPU time per step): glibc defaults 4.7-5.0 s
   with 0.33-0.47 million page faults; these tunables 4.12-4.16 s with ~0 faults at the same peak
   RSS; tcmalloc 4.12-4.13 s and 10% less peak RSS.
+  Later measurements (2-vCPU AMD EPYC, 2026-12-07): with these tunables the heap still grows
+  over the first steps as it fragments (full-UNet DreamBooth with Adafactor's fused pass: live
+  heap at most 5.96 GiB, heap 6.18 GiB after the first step and 6.36 GiB after the fourth, peak
+  RSS 6.65 GiB); tcmalloc keeps the peak where the first step left it (6.43 GiB) at the same
+  step time, and the SD1.5 LoRA peak 4.70 GiB against 4.88.
 
 Nothing is changed when SDTRAIN_NO_REEXEC=1 (the opt-out), when the process is already the
 re-executed one (SDTRAIN_REEXECED=1), when the user set their own allocator (LD_PRELOAD naming a
@@ -35,6 +42,9 @@ OPT_OUT = "SDTRAIN_NO_REEXEC"
 GUARD = "SDTRAIN_REEXECED"
 TCMALLOC_NAMES = ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4")
 _MALLOC_LIBRARIES = ("tcmalloc", "jemalloc", "mimalloc")
+# gperftools prints a stack line for every allocation above this many bytes (default 1 GiB)
+_LARGE_ALLOC_REPORT = "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"
+PRIVATE_DIR = "sdtrain-malloc"  # <sys.prefix>/lib/PRIVATE_DIR: the environment's own copy
 # mmap_max=0: no block is mmapped (a threshold could not cover the 56-112 MiB buffers: glibc caps
 # it at 32 MiB); trim_threshold 64 GiB: never hand the heap top back during a run; hugetlb=1: heap
 # growth asks for transparent huge pages (fewer faults and TLB misses; a no-op where THP is off,
@@ -42,7 +52,7 @@ _MALLOC_LIBRARIES = ("tcmalloc", "jemalloc", "mimalloc")
 # no thread arena keeps its own free (huge-page) memory (SD1.5 fp32 LoRA at 256 px, 6 alternating
 # 10-step runs each, 2026-12-07: peak RSS 4871-4929 MiB, median 4902, against 4884-4986, median
 # 4968, with the same step time; small blocks stay in each thread's tcache without the lock).
-_GLIBC_MALLOC = (
+GLIBC_MALLOC = (
     "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736:glibc.malloc.hugetlb=1"
     ":glibc.malloc.arena_max=1"
 )
@@ -50,7 +60,20 @@ _QUICK_FLAGS = {"--help", "-h", "--dry-run", "--dry_run", "--help-config", "--he
 
 
 def find_tcmalloc() -> str | None:
-    """Path of a tcmalloc library known to the dynamic linker (`ldconfig -p`), or None."""
+    """Path of a tcmalloc library: the system's (`ldconfig -p`), else this environment's own
+    copy (`<sys.prefix>/lib/sdtrain-malloc/`, from scripts/install.sh), else None."""
+    return _system_tcmalloc() or _private_tcmalloc()
+
+
+def _private_tcmalloc() -> str | None:
+    for soname in TCMALLOC_NAMES:
+        path = os.path.join(sys.prefix, "lib", PRIVATE_DIR, soname)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def _system_tcmalloc() -> str | None:
     for ldconfig in ("ldconfig", "/sbin/ldconfig", "/usr/sbin/ldconfig"):
         try:
             listing = subprocess.run(
@@ -90,9 +113,12 @@ def allocator_env(environ: dict[str, str]) -> dict[str, str] | None:
         return None
     library = find_tcmalloc()
     if library is not None:
-        return {"LD_PRELOAD": f"{library}:{preload}" if preload else library}
+        env = {"LD_PRELOAD": f"{library}:{preload}" if preload else library}
+        if _LARGE_ALLOC_REPORT not in environ:  # no "tcmalloc: large alloc" lines over the bar
+            env[_LARGE_ALLOC_REPORT] = str(1 << 40)
+        return env
     if _is_glibc():
-        return {"GLIBC_TUNABLES": f"{tunables}:{_GLIBC_MALLOC}" if tunables else _GLIBC_MALLOC}
+        return {"GLIBC_TUNABLES": f"{tunables}:{GLIBC_MALLOC}" if tunables else GLIBC_MALLOC}
     return None
 
 
