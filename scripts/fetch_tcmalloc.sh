@@ -27,7 +27,7 @@ fi
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 chmod 755 "$work"  # apt-get download runs as _apt where it can: it must be able to write here
-if ! (cd "$work" && apt-get download -q libtcmalloc-minimal4 >/dev/null 2>&1); then
+if ! (cd "$work" && timeout 120 apt-get download -q -o Acquire::Retries=0 libtcmalloc-minimal4 >/dev/null 2>&1); then
   echo "$hint (apt-get download libtcmalloc-minimal4 failed)"
   exit 0
 fi
