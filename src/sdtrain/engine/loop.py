@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,9 @@ from sdtrain.models.bundle import ModelBundle
 from sdtrain.seeds import derive_seed
 
 logger = logging.getLogger(__name__)
+# torch warns when the schedule advances before any optimizer step: a skipped (non-finite) first
+# update does that on purpose, since the schedule counts steps, applied or not
+_SCHEDULER_ORDER = r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`"
 
 
 class TrainData(Protocol):
@@ -233,7 +237,9 @@ class Trainer(LoopSetup, LoopSaving, LoopAgreement, LoopOptimizer, LoopRecords):
                         else:
                             outcome = self._window_outcome(window_bad)
                         self.optimizer.zero_grad(set_to_none=True)
-                        self.scheduler.step()
+                        with warnings.catch_warnings():  # a skipped first update is deliberate
+                            warnings.filterwarnings("ignore", _SCHEDULER_ORDER, UserWarning)
+                            self.scheduler.step()
                         counters.global_step += 1
                         counters.position = position
                         info = self._step_info(counters, steps.gradient_accumulation_steps)
