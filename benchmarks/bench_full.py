@@ -155,7 +155,9 @@ def child_sdtrain(result_path: str, total_steps: int, args: list[str]) -> None:
         info["param_dtypes"] = dtypes
         info["threads"] = torch.get_num_threads()
         info["allocator_env"] = {
-            k: os.environ[k] for k in ("LD_PRELOAD", "GLIBC_TUNABLES") if k in os.environ
+            k: os.environ[k]
+            for k in ("LD_PRELOAD", "GLIBC_TUNABLES", "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD")
+            if k in os.environ
         }
 
     def after_step(self, counters):
@@ -257,6 +259,7 @@ def run_case(
         from sdtrain.cli.allocator import GLIBC_MALLOC
 
         env["GLIBC_TUNABLES"] = GLIBC_MALLOC  # a user's own tunables: no tcmalloc re-exec
+        env.pop("LD_PRELOAD", None)
     if name == "baseline":
         cmd = [sys.executable, __file__, "--child", "baseline", str(result), model, str(total)]
     else:

@@ -150,6 +150,7 @@ def run_variant(variant: str, case: dict, work: Path, spec: str, steps: int, war
             from sdtrain.cli.allocator import GLIBC_MALLOC
 
             env["GLIBC_TUNABLES"] = GLIBC_MALLOC  # a user's own tunables: no tcmalloc re-exec
+            env.pop("LD_PRELOAD", None)
         if variant == "sdtrain-half":
             env["SDTRAIN_FROZEN_HALF"] = "1"
         if variant == "sdtrain-onednn":

@@ -227,7 +227,9 @@ def main() -> None:
             "peak_rss_mib": own,
             "peak_rss_children_mib": children,
             "allocator_env": {
-                k: os.environ.get(k) for k in ("LD_PRELOAD", "GLIBC_TUNABLES") if k in os.environ
+                k: os.environ.get(k)
+                for k in ("LD_PRELOAD", "GLIBC_TUNABLES", "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD")
+                if k in os.environ
             },
             **info,
         }

@@ -65,12 +65,23 @@ def test_glibc_tunables_merge_with_other_tunables(no_tcmalloc):
 def test_tcmalloc_is_preferred_and_keeps_existing_preloads(monkeypatch):
     monkeypatch.setattr(allocator.sys, "platform", "linux")
     monkeypatch.setattr(allocator, "find_tcmalloc", lambda: "/lib/libtcmalloc_minimal.so.4")
+    monkeypatch.setattr(allocator, "_is_glibc", lambda: False)
     quiet = {"TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(1 << 40)}
     assert allocator_env({}) == {"LD_PRELOAD": "/lib/libtcmalloc_minimal.so.4", **quiet}
     env = allocator_env({"LD_PRELOAD": "/lib/libfoo.so"})
     assert env == {"LD_PRELOAD": "/lib/libtcmalloc_minimal.so.4:/lib/libfoo.so", **quiet}
     env = allocator_env({"TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": "1000"})
     assert env == {"LD_PRELOAD": "/lib/libtcmalloc_minimal.so.4"}  # the user's own bar stays
+
+
+def test_tcmalloc_carries_the_glibc_tunables_as_a_fallback(monkeypatch):
+    """ld.so only warns when it cannot preload a library; malloc then still gets the tunables."""
+    monkeypatch.setattr(allocator.sys, "platform", "linux")
+    monkeypatch.setattr(allocator, "find_tcmalloc", lambda: "/lib/libtcmalloc_minimal.so.4")
+    monkeypatch.setattr(allocator, "_is_glibc", lambda: True)
+    env = allocator_env({"GLIBC_TUNABLES": "glibc.rtld.optional_static_tls=1"})
+    assert env["LD_PRELOAD"] == "/lib/libtcmalloc_minimal.so.4"
+    assert env["GLIBC_TUNABLES"] == f"glibc.rtld.optional_static_tls=1:{allocator.GLIBC_MALLOC}"
 
 
 def test_not_linux_means_no_change(monkeypatch):
@@ -108,6 +119,12 @@ def test_find_tcmalloc_falls_back_to_the_environments_own_copy(monkeypatch, tmp_
     private.parent.mkdir(parents=True)
     private.touch()
     assert find_tcmalloc() == str(private)
+    spaced = tmp_path / "my env"  # LD_PRELOAD cannot name a path with a space (or a colon)
+    monkeypatch.setattr(allocator.sys, "prefix", str(spaced))
+    (spaced / "lib" / allocator.PRIVATE_DIR).mkdir(parents=True)
+    (spaced / "lib" / allocator.PRIVATE_DIR / "libtcmalloc_minimal.so.4").touch()
+    assert find_tcmalloc() is None
+    monkeypatch.setattr(allocator.sys, "prefix", str(tmp_path))
     system = tmp_path / "libtcmalloc_minimal.so.4"
     system.touch()
     listing = f"\tlibtcmalloc_minimal.so.4 (libc6,x86-64) => {system}\n"

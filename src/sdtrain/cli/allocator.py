@@ -12,7 +12,8 @@ re-executes itself once, before any heavy import, with:
 * tcmalloc preloaded (LD_PRELOAD) when `ldconfig -p` lists libtcmalloc_minimal.so.4 or
   libtcmalloc.so.4 (Debian/Ubuntu: `apt install libtcmalloc-minimal4`), or when the environment
   has its own copy in `<prefix>/lib/sdtrain-malloc/` (scripts/install.sh puts Debian's there,
-  without root, where the system has none), else
+  without root, where the system has none), with the glibc tunables below alongside (unused
+  while tcmalloc is loaded; if ld.so refuses the library it only warns, and malloc gets them), else
 * on glibc, GLIBC_TUNABLES `GLIBC_MALLOC`: no mmap for any block (mmap_max=0: everything comes
   from the heap and is reused), no heap trimming (the peak comes back every step anyway),
   transparent huge pages for the heap and one arena for all threads. Measured on the full SD1.5
@@ -23,7 +24,7 @@ re-executes itself once, before any heavy import, with:
   over the first steps as it fragments (full-UNet DreamBooth with Adafactor's fused pass: live
   heap at most 5.96 GiB, heap 6.18 GiB after the first step and 6.36 GiB after the fourth, peak
   RSS 6.65 GiB); tcmalloc keeps the peak where the first step left it (6.43 GiB) at the same
-  step time, and the SD1.5 LoRA peak 4.70 GiB against 4.88.
+  step time, and the SD1.5 LoRA peak 4.59 GiB against 4.76-4.77 (10-step runs).
 
 Nothing is changed when SDTRAIN_NO_REEXEC=1 (the opt-out), when the process is already the
 re-executed one (SDTRAIN_REEXECED=1), when the user set their own allocator (LD_PRELOAD naming a
@@ -65,10 +66,15 @@ def find_tcmalloc() -> str | None:
     return _system_tcmalloc() or _private_tcmalloc()
 
 
+def _preloadable(path: str) -> bool:
+    """ld.so splits LD_PRELOAD at spaces and colons, with no escape: such a path cannot be named."""
+    return not any(c.isspace() or c == ":" for c in path)
+
+
 def _private_tcmalloc() -> str | None:
     for soname in TCMALLOC_NAMES:
         path = os.path.join(sys.prefix, "lib", PRIVATE_DIR, soname)
-        if os.path.isfile(path):
+        if os.path.isfile(path) and _preloadable(path):
             return path
     return None
 
@@ -85,7 +91,12 @@ def _system_tcmalloc() -> str | None:
         for line in listing.splitlines():
             name, _, path = line.strip().partition(" => ")
             soname = name.split(" ", 1)[0]
-            if soname in TCMALLOC_NAMES and "x86-32" not in name and os.path.exists(path):
+            if (
+                soname in TCMALLOC_NAMES
+                and "x86-32" not in name
+                and os.path.exists(path)
+                and _preloadable(path)
+            ):
                 found.setdefault(soname, path)
         for soname in TCMALLOC_NAMES:
             if soname in found:
@@ -111,15 +122,20 @@ def allocator_env(environ: dict[str, str]) -> dict[str, str] | None:
     tunables = environ.get("GLIBC_TUNABLES", "")
     if any(lib in preload for lib in _MALLOC_LIBRARIES) or "glibc.malloc." in tunables:
         return None
+    glibc = (
+        {"GLIBC_TUNABLES": f"{tunables}:{GLIBC_MALLOC}" if tunables else GLIBC_MALLOC}
+        if _is_glibc()
+        else {}
+    )
     library = find_tcmalloc()
     if library is not None:
-        env = {"LD_PRELOAD": f"{library}:{preload}" if preload else library}
+        # the glibc tunables ride along: unused while tcmalloc is loaded, they are what malloc
+        # runs with should ld.so refuse the library (it only warns)
+        env = {"LD_PRELOAD": f"{library}:{preload}" if preload else library, **glibc}
         if _LARGE_ALLOC_REPORT not in environ:  # no "tcmalloc: large alloc" lines over the bar
             env[_LARGE_ALLOC_REPORT] = str(1 << 40)
         return env
-    if _is_glibc():
-        return {"GLIBC_TUNABLES": f"{tunables}:{GLIBC_MALLOC}" if tunables else GLIBC_MALLOC}
-    return None
+    return glibc or None
 
 
 def wants_reexec(args: list[str]) -> bool:

@@ -129,6 +129,7 @@ class Trainer(LoopSetup, LoopSaving, LoopAgreement, LoopOptimizer, LoopRecords):
         self.accelerator = accelerator
         self.outputs: list[Path] = []
         self.compiled: Any = None  # engine.compile.Compiled with torch_compile
+        self._schedule_started = False
 
     # ----------------------------------------------------------------- the loop
     def run(self) -> TrainResult:
@@ -237,9 +238,7 @@ class Trainer(LoopSetup, LoopSaving, LoopAgreement, LoopOptimizer, LoopRecords):
                         else:
                             outcome = self._window_outcome(window_bad)
                         self.optimizer.zero_grad(set_to_none=True)
-                        with warnings.catch_warnings():  # a skipped first update is deliberate
-                            warnings.filterwarnings("ignore", _SCHEDULER_ORDER, UserWarning)
-                            self.scheduler.step()
+                        self._step_schedule()
                         counters.global_step += 1
                         counters.position = position
                         info = self._step_info(counters, steps.gradient_accumulation_steps)
@@ -330,6 +329,18 @@ class Trainer(LoopSetup, LoopSaving, LoopAgreement, LoopOptimizer, LoopRecords):
         for path in self.saves.retire(kind, value):
             if path in self.outputs:
                 self.outputs.remove(path)
+
+    def _step_schedule(self) -> None:
+        """Advance the LR schedule; torch's order warning is filtered for this process's first
+        advance only (the only one it checks; a filter on every step would reset the warning
+        registry each time and show other once-only warnings again)."""
+        if self._schedule_started:
+            self.scheduler.step()
+            return
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", _SCHEDULER_ORDER, UserWarning)
+            self.scheduler.step()
+        self._schedule_started = True
 
     def _step_of(self, epoch: int) -> Callable[[int], int]:
         steps = self.steps
