@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from sdtrain.cli import allocator
-from sdtrain.cli.allocator import allocator_env, find_tcmalloc, wants_reexec
+from sdtrain.cli.allocator import allocator_env, describe, find_tcmalloc, wants_reexec
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux allocators")
 
@@ -156,3 +156,12 @@ def test_reexecs_once_with_the_allocator_set():
         [sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, check=True
     )
     assert out.stdout.split() == ["None", "False"]
+
+
+def test_describe_names_what_the_reexecuted_process_allocates_with():
+    assert describe({}) is None  # not re-executed: nothing to say
+    lib = "/venv/lib/sdtrain-malloc/libtcmalloc_minimal.so.4"
+    env = {"SDTRAIN_REEXECED": "1", "LD_PRELOAD": f"{lib}:/lib/libfoo.so"}
+    assert describe(env) == f"memory allocator: {lib} (preloaded)"
+    env = {"SDTRAIN_REEXECED": "1", "GLIBC_TUNABLES": allocator.GLIBC_MALLOC}
+    assert "glibc malloc with sdtrain's tunables" in describe(env)

@@ -138,6 +138,19 @@ def allocator_env(environ: dict[str, str]) -> dict[str, str] | None:
     return glibc or None
 
 
+def describe(environ: dict[str, str]) -> str | None:
+    """What the re-executed process allocates with, for the debug log; None if not re-executed."""
+    if environ.get(GUARD) != "1":
+        return None
+    preload = environ.get("LD_PRELOAD", "")
+    for entry in preload.split(":"):
+        if any(lib in entry for lib in _MALLOC_LIBRARIES):
+            return f"memory allocator: {entry} (preloaded)"
+    if GLIBC_MALLOC in environ.get("GLIBC_TUNABLES", ""):
+        return "memory allocator: glibc malloc with sdtrain's tunables (no tcmalloc found)"
+    return None
+
+
 def wants_reexec(args: list[str]) -> bool:
     """True for a `train` command that will train (not --help / --dry-run / --help-config)."""
     positional = [a for a in args if not a.startswith("-")]

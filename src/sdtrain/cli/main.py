@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -43,6 +44,11 @@ def main(
     if debug:
         os.environ["SDTRAIN_DEBUG"] = "1"
     setup_logging(-1 if quiet else verbose)
+    from sdtrain.cli.allocator import describe
+
+    allocator = describe(dict(os.environ))
+    if allocator:
+        logging.getLogger("sdtrain").debug(allocator)
 
 
 _registered: set[str] = set()
