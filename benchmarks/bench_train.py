@@ -243,10 +243,11 @@ def _mfu(case: dict, summary: dict, peak: dict[str, float]) -> dict:
 
     gflop = step_flops(case["model"], case["resolution"]) / 1e9
     kind = "bf16" if case["precision"] == "bf16" else "fp32"
-    ceiling = max(peak[f"matmul_{kind}"], peak[f"conv_{kind}"])
+    rates = [r for r in (peak[f"matmul_{kind}"], peak[f"conv_{kind}"]) if r is not None]
+    ceiling = max(rates) if rates else None  # None: bf16 peak not measured (no bf16 kernels)
     out: dict = {"gflop_per_step": round(gflop, 1), "peak_gflops": ceiling, "variants": {}}
     for variant, s in summary.items():
-        if s["s_per_step"]:
+        if s["s_per_step"] and ceiling:
             achieved = gflop / s["s_per_step"]
             out["variants"][variant] = {
                 "achieved_gflops": round(achieved, 1),

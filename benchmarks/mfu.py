@@ -29,23 +29,32 @@ def _best_rate(fn, flops: float, seconds: float = 1.5) -> float:
     return best
 
 
-def machine_peak() -> dict[str, float]:
-    """GFLOP/s of a 2048^3 matmul (fp32, bf16) and a 320-channel 3x3 conv (fp32, bf16)."""
+def machine_peak() -> dict[str, float | None]:
+    """GFLOP/s of a 2048^3 matmul (fp32, bf16) and a 320-channel 3x3 conv (fp32, bf16).
+
+    Where torch has no bf16 kernels for the CPU (sdtrain refuses bf16 there) the bf16 figures
+    are None unless SDTRAIN_ALLOW_SLOW_BF16=1: ATen's fallback takes about a minute per bf16
+    matmul on an AVX2-only CPU (0.3 GFLOP/s measured)."""
+    import os
+
     import torch
 
+    from sdtrain.engine.cpu_bf16 import ALLOW_SLOW, has_bf16_kernels
+
+    bf16 = has_bf16_kernels() is not False or os.environ.get(ALLOW_SLOW) == "1"
     n = 2048
     a, b = torch.randn(n, n), torch.randn(n, n)
-    out = {"matmul_fp32": _best_rate(lambda: a @ b, 2 * n**3)}
+    out: dict[str, float | None] = {"matmul_fp32": _best_rate(lambda: a @ b, 2 * n**3)}
     a16, b16 = a.bfloat16(), b.bfloat16()
-    out["matmul_bf16"] = _best_rate(lambda: a16 @ b16, 2 * n**3)
+    out["matmul_bf16"] = _best_rate(lambda: a16 @ b16, 2 * n**3) if bf16 else None
     x = torch.randn(1, 320, 32, 32)
     conv = torch.nn.Conv2d(320, 320, 3, padding=1)
     conv_flops = 2 * 320 * 320 * 9 * 32 * 32
     with torch.no_grad():
         out["conv_fp32"] = _best_rate(lambda: conv(x), conv_flops)
         conv16, x16 = conv.bfloat16(), x.bfloat16()
-        out["conv_bf16"] = _best_rate(lambda: conv16(x16), conv_flops)
-    return {k: round(v, 1) for k, v in out.items()}
+        out["conv_bf16"] = _best_rate(lambda: conv16(x16), conv_flops) if bf16 else None
+    return {k: None if v is None else round(v, 1) for k, v in out.items()}
 
 
 def step_flops(model: str = "full", resolution: int = 256, batch: int = 1) -> float:

@@ -60,3 +60,41 @@ def test_warning_suggests_fp32(caplog: pytest.LogCaptureFixture) -> None:
     assert len(warnings) == 1
     assert "no bf16 here" in warnings[0].getMessage()
     assert 'mixed_precision = "no"' in warnings[0].getMessage()
+
+
+def test_refused_only_without_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sdtrain.engine import cpu_bf16
+    from sdtrain.errors import ConfigError
+
+    monkeypatch.delenv(cpu_bf16.ALLOW_SLOW, raising=False)
+    cpu_bf16.refuse_without_kernels("training.mixed_precision", kernels=True)
+    with pytest.raises(ConfigError) as caught:
+        cpu_bf16.refuse_without_kernels("training.mixed_precision", kernels=False)
+    (problem,) = caught.value.problems
+    assert problem.key == "training.mixed_precision"
+    assert problem.value == "bf16"
+    assert cpu_bf16.ALLOW_SLOW in (problem.hint or "")
+    monkeypatch.setenv(cpu_bf16.ALLOW_SLOW, "1")
+    cpu_bf16.refuse_without_kernels("training.mixed_precision", kernels=False)
+
+
+def test_refused_when_torch_cannot_say_is_not(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sdtrain.engine import cpu_bf16
+
+    monkeypatch.delenv(cpu_bf16.ALLOW_SLOW, raising=False)
+    monkeypatch.setattr(cpu_bf16, "has_bf16_kernels", lambda: None)
+    cpu_bf16.refuse_without_kernels("training.mixed_precision")
+
+
+def test_torch_kernels_follow_the_cpu_flags() -> None:
+    """torch's oneDNN bf16 check on x86 is AVX-512 BW + VL + DQ (emulated or native bf16)."""
+    import platform
+    from pathlib import Path
+
+    from sdtrain.engine.cpu_bf16 import has_bf16_kernels
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("x86 only")
+    flags = cpu_flags(Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace"))
+    expected = {"avx512bw", "avx512vl", "avx512dq"} <= flags
+    assert has_bf16_kernels() is expected

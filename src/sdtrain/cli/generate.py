@@ -112,7 +112,13 @@ def generate(
     """Generate PNGs (with A1111-style parameters) and a contact sheet into --out."""
     from sdtrain.config.prompt_file import PromptDefaults
     from sdtrain.errors import ConfigError, Problem
-    from sdtrain.tools.generate import GenerateOptions, generate, load_specs, parse_lora_ref
+    from sdtrain.tools.generate import (
+        GenerateOptions,
+        generate,
+        load_specs,
+        parse_lora_ref,
+        resolve_device,
+    )
 
     problems = []
     if max_token_length not in (None, 75, 150, 225):
@@ -133,6 +139,10 @@ def generate(
         )
     if problems:
         raise ConfigError(problems, hint="see sdtrain generate --help")
+    if mixed_precision == "bf16" and resolve_device(device).type == "cpu":
+        from sdtrain.engine.cpu_bf16 import refuse_without_kernels
+
+        refuse_without_kernels("mixed_precision", file="<command line>")
     defaults = PromptDefaults(
         negative_prompt=negative,
         width=width,

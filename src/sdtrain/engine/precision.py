@@ -28,7 +28,8 @@ class Precision:
 
 
 def precision_for(section: TrainingSection, no_half_vae: bool, device_type: str) -> Precision:
-    """The precision policy of a run (fp16 on a CPU is refused: CPUs have no fast fp16 path)."""
+    """The precision policy of a run. Refused on a CPU: fp16 (CPUs have no fast fp16 path), and
+    bf16 where torch has no bf16 kernels for the CPU (engine/cpu_bf16.py)."""
     import torch
 
     from sdtrain.errors import ConfigError, Problem
@@ -46,6 +47,10 @@ def precision_for(section: TrainingSection, no_half_vae: bool, device_type: str)
                 )
             ]
         )
+    if mode == "bf16" and device_type == "cpu":
+        from sdtrain.engine.cpu_bf16 import refuse_without_kernels
+
+        refuse_without_kernels("training.mixed_precision")
     weight = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mode]
     full = section.full_fp16 or section.full_bf16
     return Precision(

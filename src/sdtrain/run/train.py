@@ -305,7 +305,10 @@ def _execute(prepared: Prepared, resume_hint: str) -> TrainResult:
 
     method = METHODS[prepared.command].build(cfg, prepared.plan)
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    precision = precision_for(cfg.training, cfg.model.no_half_vae, device_type)
+    try:
+        precision = precision_for(cfg.training, cfg.model.no_half_vae, device_type)
+    except ConfigError as err:
+        raise _at_lines(prepared.loaded, err) from None
     # clip_skip > 1: the text encoder's last layers (and their LoRA) get no gradient
     accelerator = make_accelerator(cfg.training.mixed_precision, (cfg.model.clip_skip or 1) > 1)
     processes = Processes(accelerator)
