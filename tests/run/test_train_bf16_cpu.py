@@ -6,43 +6,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
-
-RUN = """\
-[model]
-pretrained_model_name_or_path = "builtin:tiny-sd1"
-
-[training]
-output_dir = "out"
-max_train_steps = 1
-max_data_loader_n_workers = 0
-seed = 1
-mixed_precision = "bf16"
-
-[network]
-network_dim = 4
-
-[general]
-resolution = 64
-caption_extension = ".txt"
-
-[[datasets]]
-[[datasets.subsets]]
-image_dir = "imgs"
-"""
+from train_runs import make_dataset, write_config
 
 
 @pytest.fixture
 def run(tmp_path: Path) -> Path:
-    (tmp_path / "imgs").mkdir()
-    pixels = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
-    Image.fromarray(pixels).save(tmp_path / "imgs" / "a.png")
-    (tmp_path / "imgs" / "a.txt").write_text("a picture")
-    path = tmp_path / "run.toml"
-    path.write_text(RUN)
-    return path
+    data = make_dataset(tmp_path, images=1)
+    bf16 = {"mixed_precision": "bf16", "max_train_steps": 1, "gradient_accumulation_steps": 1}
+    return write_config(tmp_path / "run.toml", data, tmp_path / "out", training=bf16)
 
 
 @pytest.fixture
@@ -65,24 +37,30 @@ def _refusal(cli, args: list[str]):
     return problem
 
 
+def _forbid(monkeypatch: pytest.MonkeyPatch, module: object, name: str) -> None:
+    def called(*_args, **_kwargs):
+        raise AssertionError(f"{name} was called before the refusal")
+
+    monkeypatch.setattr(module, name, called)
+
+
 def test_train_is_refused_at_the_line_before_the_model_loads(cli, run, no_kernels, monkeypatch):
     from sdtrain.models import load
 
-    def no_load(*_args, **_kwargs):
-        raise AssertionError("the model was loaded")
-
-    monkeypatch.setattr(load, "load_bundle", no_load)
+    _forbid(monkeypatch, load, "load_bundle")
     problem = _refusal(cli, ["train", "lora", str(run)])
     assert problem.key == "training.mixed_precision"
-    line = RUN.splitlines().index('mixed_precision = "bf16"') + 1
+    line = run.read_text().splitlines().index('mixed_precision = "bf16"') + 1
     assert (Path(problem.file or "").name, problem.line) == ("run.toml", line)
     assert not list((run.parent / "out").glob("*.safetensors"))
 
 
-def test_latents_cache_is_refused(cli, run, no_kernels):
+def test_latents_cache_is_refused_before_the_vae_loads(cli, run, no_kernels, monkeypatch):
+    from sdtrain.run import latents
+
+    _forbid(monkeypatch, latents, "load_vae")
     problem = _refusal(cli, ["latents", "cache", str(run)])
     assert problem.key == "training.mixed_precision"
-    assert not (run.parent / "latents").exists()
 
 
 def test_generate_is_refused_before_the_model_loads(cli, tmp_path, no_kernels):
@@ -99,4 +77,4 @@ def test_the_override_lets_bf16_run(cli, run, no_kernels, monkeypatch):
     monkeypatch.setenv(cpu_bf16.ALLOW_SLOW, "1")
     result = cli(["train", "lora", str(run)])
     assert result.exit_code == 0, result.output
-    assert list((run.parent / "out").glob("*.safetensors"))
+    assert (run.parent / "out" / "t.safetensors").is_file()
