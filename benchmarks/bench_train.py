@@ -137,6 +137,13 @@ def _run_child(args: list[str], env: dict[str, str], timeout: float) -> tuple[di
         return json.loads(result.read_text()), wall
 
 
+def _bf16_runs() -> bool:
+    """False where sdtrain refuses bf16 on this CPU (engine/cpu_bf16.py) and no override is set."""
+    from sdtrain.engine.cpu_bf16 import ALLOW_SLOW, has_bf16_kernels
+
+    return has_bf16_kernels() is not False or os.environ.get(ALLOW_SLOW) == "1"
+
+
 def run_variant(variant: str, case: dict, work: Path, spec: str, steps: int, warmup: int) -> dict:
     """One fresh process of `variant` on `case`; returns timing, RSS and what it reported."""
     env = dict(os.environ)
@@ -296,6 +303,9 @@ def _print_summary(report: dict) -> None:
     for case in report["cases"]:
         head = f"{case['model']} {case['resolution']}px {case['precision']} {case['latents']}"
         print(f"== {head}", file=sys.stderr)
+        if "skipped" in case:
+            print(f"  skipped: {case['skipped']}", file=sys.stderr)
+            continue
         ratios = case.get("ratio_vs_baseline", {})
         for variant, s in case["summary"].items():
             line = (
@@ -390,6 +400,10 @@ def main() -> None:
                     }
                     if model == "full":
                         case["file_dtype"] = args.full_dtype
+                    if precision == "bf16" and not _bf16_runs():
+                        case["skipped"] = "sdtrain refuses bf16 here: torch has no bf16 kernels"
+                        report["cases"].append(case)
+                        continue
                     report["cases"].append(
                         bench_case(case, variants, work, cache, args.repeat, peak)
                     )
