@@ -75,8 +75,10 @@ def run() -> None:
 
     `train` commands first re-execute the process once with a faster memory allocator
     (tcmalloc or glibc tunables; opt out with SDTRAIN_NO_REEXEC=1): see sdtrain.cli.allocator.
+    A command that loaded torch ends without the interpreter's teardown: see sdtrain.cli.fast_exit.
     """
     from sdtrain.cli.allocator import maybe_reexec
+    from sdtrain.cli.fast_exit import leave
     from sdtrain.errors import SdtrainError
 
     maybe_reexec(sys.argv[1:])
@@ -94,4 +96,7 @@ def run() -> None:
         # process shows its own
         if is_main_process() or not isinstance(error, Interrupted):
             render_error(error)
-        sys.exit(error.exit_code)
+        leave(error.exit_code)
+    except SystemExit as done:
+        leave(done.code)
+    leave(0)
