@@ -5,6 +5,7 @@ proof that the check happens before any weight loads (the model is never loaded 
 from __future__ import annotations
 
 import importlib.util
+import io
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -307,7 +308,7 @@ def outcome(args: list[str]) -> tuple[int, str]:
     result = CliRunner().invoke(app, args)
     error = result.exception
     if isinstance(error, SdtrainError):
-        console = Console(width=200, record=True, file=open("/dev/null", "w"))  # noqa: SIM115
+        console = Console(width=200, record=True, file=io.StringIO())
         saved = render.console
         render.console = console
         try:
