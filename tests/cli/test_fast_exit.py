@@ -73,9 +73,14 @@ def test_tracer_keeps_the_normal_exit(tmp_path):
 
 
 def test_normal_exit_without_torch():
-    code = "from sdtrain.cli.fast_exit import leave\nleave('bad thing')"
+    code = (
+        "import sys\nfrom sdtrain.cli.fast_exit import leave\n"
+        "try:\n    leave('bad thing')\n"
+        "except SystemExit:\n    print('sys-exit', file=sys.stderr)\n    raise\n"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 1
+    assert "sys-exit" in done.stderr  # the normal path: SystemExit was raised
     assert "bad thing" in done.stderr
 
 

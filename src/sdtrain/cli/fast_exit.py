@@ -43,18 +43,6 @@ def wanted() -> bool:
     return sys.gettrace() is None and sys.getprofile() is None
 
 
-def _join_threads() -> None:
-    """What the interpreter does first on exit: wake the thread pools left open (their
-    `threading._register_atexit` hooks) and join every non-daemon thread."""
-    shutdown = getattr(threading, "_shutdown", None)
-    if shutdown is not None:
-        shutdown()
-        return
-    for thread in threading.enumerate():  # pragma: no cover - CPython always has _shutdown
-        if not thread.daemon and thread is not threading.current_thread():
-            thread.join()
-
-
 def _flush() -> None:
     for stream in (sys.stdout, sys.stderr):
         try:
@@ -69,7 +57,9 @@ def leave(code: object) -> NoReturn:
     if not wanted():
         sys.exit(code)
     status = exit_code(code)
-    _join_threads()
+    # what the interpreter does first on exit: wake the thread pools left open (their
+    # `threading._register_atexit` hooks) and join every non-daemon thread
+    threading._shutdown()  # noqa: SLF001
     atexit._run_exitfuncs()  # noqa: SLF001 - the handlers a normal exit would run, in order
     _flush()
     os._exit(status)
