@@ -102,6 +102,25 @@ def _load_base(
     )
 
 
+def import_model_stack() -> None:
+    """Import what loading a model and training adapters on it import on the way: diffusers'
+    U-Net and VAE classes, its hooks (which import peft, and peft transformers), transformers'
+    CLIP text model and accelerate. A caller runs this inside `import_gc.quiet_gc()` so the
+    imports happen in one block without cyclic collections; nothing is loaded."""
+    import accelerate  # noqa: F401
+    import diffusers
+    import diffusers.hooks  # noqa: F401  (ModelMixin imports it while loading)
+    import peft  # noqa: F401
+    import transformers
+
+    for owner, name in (
+        (diffusers, "UNet2DConditionModel"),
+        (diffusers, "AutoencoderKL"),
+        (transformers, "CLIPTextModel"),
+    ):
+        getattr(owner, name)  # lazy modules: the attribute imports the class's module
+
+
 def move_module(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
     """Move/cast in place, skipping no-ops (plain nn.Module.to: diffusers' own `to` warns on
     every dtype cast about an empty fp32-module list)."""

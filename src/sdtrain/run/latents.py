@@ -70,7 +70,10 @@ def cache_latents(loaded: LoadedConfig, verify_only: bool = False) -> LatentsOut
     flip_aug) at the plan's bucket and crop, into the disk store; or, with `verify_only`, only
     report missing and stale entries. Uses the GPU when there is one; the VAE dtype follows
     [training] mixed_precision and [model] no_half_vae exactly as training does."""
-    import torch
+    from sdtrain.import_gc import quiet_gc
+
+    with quiet_gc():  # import_gc.py
+        import torch
 
     from sdtrain.data.latent_store import LatentStore
     from sdtrain.data.plan import plan_for_run
@@ -89,6 +92,10 @@ def cache_latents(loaded: LoadedConfig, verify_only: bool = False) -> LatentsOut
             "`sdtrain dataset plan` shows what was found",
         )
     require_cacheable(plan.datasets)
+    with quiet_gc():  # the model stack's imports in one block, after the plan's checks
+        from sdtrain.models.load import import_model_stack
+
+        import_model_stack()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = precision_for(t, cfg.model.no_half_vae, device.type)
     folder = cache_folder(t.latent_cache_dir)

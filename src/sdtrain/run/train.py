@@ -87,8 +87,11 @@ def prepare(loaded: LoadedConfig, command: str, write_caches: bool = False) -> P
     _check_zero(loaded, command)
     with verifying_pixels():  # decode every image once: broken pixel data is found here
         plan = plan_for_run(loaded, write_caches=write_caches and main)  # cache_info size caches
-    from sdtrain.run.checks import check_before_load
+    from sdtrain.import_gc import quiet_gc
 
+    with quiet_gc():  # the checks import torch (import_gc.py)
+        import sdtrain.models.builtin  # noqa: F401
+        from sdtrain.run.checks import check_before_load
     check_before_load(loaded, plan)
     check_full_model_run(loaded, command, plan)
     plan.require_valid()  # invalid images / nothing to train: the dry run says so too
@@ -274,6 +277,12 @@ def execute(prepared: Prepared, resume_hint: str) -> TrainResult:
 
 def _execute(prepared: Prepared, resume_hint: str) -> TrainResult:
     """Load the model and train. Writes the resolved config into the output folder first."""
+    from sdtrain.import_gc import quiet_gc
+
+    with quiet_gc():  # the model stack's imports in one block (import_gc.py)
+        from sdtrain.models.load import import_model_stack
+
+        import_model_stack()
     import torch
 
     from sdtrain.atomic import write_text

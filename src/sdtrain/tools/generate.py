@@ -110,6 +110,12 @@ def load_model(options: GenerateOptions) -> tuple[ModelBundle, dict[str, list[st
 
     Also returns each embedding's token -> the token strings it added (T, T1, ...).
     """
+    from sdtrain.import_gc import quiet_gc
+
+    with quiet_gc():  # the model stack's imports in one block (import_gc.py)
+        from sdtrain.models.load import import_model_stack
+
+        import_model_stack()
     from sdtrain.config.sections import ModelSection
     from sdtrain.methods.adapters.apply import apply_lora_file
     from sdtrain.models.embeddings import (
