@@ -236,3 +236,19 @@ def test_an_interrupted_pass_keeps_what_it_wrote_and_the_next_one_resumes(datase
     vae.encoded_images = 0
     resumed = fill_store(datasets, vae, LatentStore(root / "cache"), torch.float32, batch_size=2)
     assert (resumed.encoded, resumed.reused, vae.encoded_images) == (2, 4, 2)
+
+
+def test_vae_identity_keeps_its_format():
+    """Existing caches stay valid: blake2b-160 over each state-dict entry's name, dtype and raw
+    bytes, in key order (computed here independently of how vae_identity feeds the hash)."""
+    import hashlib
+
+    module = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.GroupNorm(2, 4))
+    torch.manual_seed(0)
+    for p in module.parameters():
+        torch.nn.init.normal_(p)
+    digest = hashlib.blake2b(digest_size=20)
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode() + str(tensor.dtype).encode())
+        digest.update(bytes(tensor.contiguous().view(-1).view(torch.uint8).tolist()))
+    assert vae_identity(module) == digest.hexdigest()
