@@ -318,8 +318,10 @@ def _encode_batch(
     import torch
 
     from sdtrain.models.host_copy import to_device
+    from sdtrain.models.vae_encode import encode_posterior
 
-    dist = vae.encode(to_device(torch.stack(pixels), device, dtype)).latent_dist
+    # channels-last on the CPU (models/vae_encode.py)
+    dist = encode_posterior(vae, to_device(torch.stack(pixels), device, dtype))
     eps = torch.stack(
         [
             torch.randn(

@@ -63,6 +63,8 @@ def encode_latents(
     sample's latent-distribution draw from its own generator, or one generator for all)."""
     import torch
 
+    from sdtrain.models.vae_encode import encode_posterior
+
     scale = ctx.bundle.family.latent_scale
     if batch.latents is not None:
         return to_device(batch.latents, ctx.device, torch.float32) * scale
@@ -70,7 +72,7 @@ def encode_latents(
     vae = ctx.bundle.vae
     with torch.no_grad():
         pixels = to_device(batch.pixels, ctx.device, ctx.precision.vae)
-        dist = vae.encode(pixels).latent_dist
+        dist = encode_posterior(vae, pixels)  # channels-last on the CPU (models/vae_encode.py)
         if isinstance(generators, torch.Generator):
             latents = dist.sample(generator=generators).float()
         else:
