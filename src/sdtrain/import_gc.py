@@ -5,8 +5,8 @@ the collector tracks (functions, classes, module dicts), and they live as long a
 CPython runs a full collection each time enough objects have reached its oldest generation, and a
 full collection walks every tracked object. An SD1.5 LoRA run spent about 1.25 s in 7 full
 collections while importing, and they found almost nothing to free (2-vCPU AVX2 EPYC, Python
-3.11, 2026-12-07; the same imports alone took 7.7-8.1 s with the collector off and 10.0-10.4 s
-with it on).
+3.11, 2026-12-07; the model stack's imports alone took 7.3 s in this block against 9.6 s
+without it, medians of 4 fresh interpreters each: benchmarks/bench_startup.py).
 
 How: `quiet_gc()` turns the collector off for a block of imports, then `gc.freeze()` moves every
 object that exists at that point into the permanent generation, which later collections skip,
