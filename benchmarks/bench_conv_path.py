@@ -79,26 +79,47 @@ def time_shape(cin: int, cout: int, k: int, stride: int, side: int, repeat: int)
     return {name: round(seconds * 1000, 2) for name, seconds in best.items()}
 
 
-def main() -> None:
+def machine() -> dict:
+    """Where the figures come from: platform, Python, torch, its threads and CPU capability,
+    and the CPU's SIMD flags (also used by bench_startup.py)."""
     import torch
 
     from sdtrain.engine.cpu_bf16 import cpu_flags
+
+    flags = cpu_flags(Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace"))
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "capability": torch.backends.cpu.get_cpu_capability(),
+        "flags": sorted(f for f in flags if f.startswith(("avx", "amx", "fma"))),
+    }
+
+
+def arguments(doc: str, repeat: int) -> argparse.Namespace:
+    """--resolution, --repeat and --out (also bench_startup.py's)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--repeat", type=int, default=repeat)
+    parser.add_argument("--out", type=Path)
+    return parser.parse_args()
+
+
+def emit(report: dict, out: Path | None) -> None:
+    """Print the report as JSON, and write it to `out` when given."""
+    text = json.dumps(report, indent=2)
+    if out:
+        out.write_text(text + "\n", encoding="utf-8")
+    print(text)
+
+
+def main() -> None:
     from sdtrain.models.conv_path import MAX_POSITIONS
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--resolution", type=int, default=256)
-    parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
-    flags = cpu_flags(Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace"))
+    args = arguments(__doc__, repeat=5)
     report: dict = {
-        "machine": {
-            "platform": platform.platform(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "capability": torch.backends.cpu.get_cpu_capability(),
-            "flags": sorted(f for f in flags if f.startswith(("avx", "amx", "fma"))),
-        },
+        "machine": machine(),
         "resolution": args.resolution,
         "max_positions": MAX_POSITIONS,
         "shapes": [],
@@ -116,10 +137,7 @@ def main() -> None:
                 routed[name] += ms[name] * count
         print(json.dumps(row), flush=True)
     report["routed_ms"] = {name: round(total, 1) for name, total in routed.items()}
-    text = json.dumps(report, indent=2)
-    if args.out:
-        args.out.write_text(text + "\n", encoding="utf-8")
-    print(text)
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

@@ -11,15 +11,12 @@ object (also to --out). Usage: python benchmarks/bench_startup.py [--repeat 4] [
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 IMPORTS = """
 import gc, json, time
@@ -82,31 +79,15 @@ def vae(resolution: int, repeat: int) -> dict:
 
 
 def main() -> None:
-    import torch
+    from bench_conv_path import arguments, emit, machine  # benchmarks/ is the script's folder
 
-    from sdtrain.engine.cpu_bf16 import cpu_flags
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--resolution", type=int, default=256)
-    parser.add_argument("--repeat", type=int, default=4)
-    parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
-    flags = cpu_flags(Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace"))
+    args = arguments(__doc__, repeat=4)
     report = {
-        "machine": {
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "flags": sorted(f for f in flags if f.startswith(("avx", "amx", "fma"))),
-        },
+        "machine": machine(),
         "imports": imports(args.repeat),
         "vae_encode": {"resolution": args.resolution, **vae(args.resolution, args.repeat)},
     }
-    text = json.dumps(report, indent=2)
-    if args.out:
-        args.out.write_text(text + "\n", encoding="utf-8")
-    print(text)
+    emit(report, args.out)
 
 
 if __name__ == "__main__":
