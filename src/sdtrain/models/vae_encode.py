@@ -11,9 +11,11 @@ std, samples) has the values diffusers' own encode gives, to float rounding: the
 in another order (about 5e-6 relative on the SD VAE's latents). Its layout is NCHW for every
 batch size; diffusers' own encode hands back channels-last moments for batches of 2 or more (its
 mid-block attention's output layout survives the last GroupNorm). sdtrain draws latent noise by
-shape, so the layout changes no value. The choice depends on the device only, so a run and its
-resume encode the same. CUDA keeps NCHW (unmeasured there). SDTRAIN_VAE_LAYOUT=nchw keeps NCHW on
-the CPU too (A/B).
+shape, so the layout changes no value. The choice depends on the device and on the opt-out
+below, so a run and its resume on the same device encode the same. CUDA keeps NCHW (unmeasured
+there). SDTRAIN_VAE_LAYOUT=nchw keeps NCHW on the CPU too (A/B). Neither the layout nor that
+variable is part of the latent cache's key or of the resume check: latents cached before this
+layout, or with the other one, are reused, and differ from a fresh encode by float rounding only.
 """
 
 from __future__ import annotations

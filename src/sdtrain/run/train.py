@@ -279,28 +279,25 @@ def _execute(prepared: Prepared, resume_hint: str) -> TrainResult:
     """Load the model and train. Writes the resolved config into the output folder first."""
     from sdtrain.import_gc import quiet_gc
 
-    with quiet_gc():  # the model stack's imports in one block (import_gc.py)
-        from sdtrain.models.load import import_model_stack
+    with quiet_gc():  # torch and diffusers come with these (import_gc.py)
+        import torch
 
-        import_model_stack()
-    import torch
-
-    from sdtrain.atomic import write_text
-    from sdtrain.config.resolved import resolved_dict, resolved_toml, shareable_toml
-    from sdtrain.engine.distributed import Processes, device_of, make_accelerator
-    from sdtrain.engine.loop import EngineSections, Hooks, Trainer
-    from sdtrain.engine.metrics import Trackers
-    from sdtrain.engine.precision import precision_for
-    from sdtrain.engine.sampling import SampleHook, load_prompts
-    from sdtrain.engine.state import load_state
-    from sdtrain.methods.adapters.metadata import training_metadata
-    from sdtrain.models.clip_mlp import use_recomputing_mlp
-    from sdtrain.models.conv_path import use_gemm_convolutions
-    from sdtrain.models.geglu import use_recomputing_geglu
-    from sdtrain.models.half_embedding import keep_token_embedding_half
-    from sdtrain.models.load import load_bundle
-    from sdtrain.run.facts import collect_facts
-    from sdtrain.run.train_data import free_vae, training_data
+        from sdtrain.atomic import write_text
+        from sdtrain.config.resolved import resolved_dict, resolved_toml, shareable_toml
+        from sdtrain.engine.distributed import Processes, device_of, make_accelerator
+        from sdtrain.engine.loop import EngineSections, Hooks, Trainer
+        from sdtrain.engine.metrics import Trackers
+        from sdtrain.engine.precision import precision_for
+        from sdtrain.engine.sampling import SampleHook, load_prompts
+        from sdtrain.engine.state import load_state
+        from sdtrain.methods.adapters.metadata import training_metadata
+        from sdtrain.models.clip_mlp import use_recomputing_mlp
+        from sdtrain.models.conv_path import use_gemm_convolutions
+        from sdtrain.models.geglu import use_recomputing_geglu
+        from sdtrain.models.half_embedding import keep_token_embedding_half
+        from sdtrain.models.load import import_model_stack, load_bundle
+        from sdtrain.run.facts import collect_facts
+        from sdtrain.run.train_data import free_vae, training_data
 
     cfg = prepared.loaded.config
     prepared.plan.require_valid()
@@ -347,6 +344,8 @@ def _execute(prepared: Prepared, resume_hint: str) -> TrainResult:
     # class images to generate need the whole model first, and their latents after that
     class_images = _class_image_plan(prepared.loaded, prepared.command)
     latents_first = cfg.training.cache_latents and not (class_images and class_images.indices)
+    with quiet_gc():  # the rest of the model stack (peft, transformers), after the checks above
+        import_model_stack()
     bundle = load_bundle(
         cfg.model,
         device=device_of(accelerator),

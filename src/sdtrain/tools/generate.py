@@ -112,21 +112,18 @@ def load_model(options: GenerateOptions) -> tuple[ModelBundle, dict[str, list[st
     """
     from sdtrain.import_gc import quiet_gc
 
-    with quiet_gc():  # the model stack's imports in one block (import_gc.py)
-        from sdtrain.models.load import import_model_stack
-
-        import_model_stack()
-    from sdtrain.config.sections import ModelSection
-    from sdtrain.methods.adapters.apply import apply_lora_file
-    from sdtrain.models.embeddings import (
-        add_embedding,
-        add_xti_embedding,
-        is_xti,
-        read_embedding,
-        read_xti,
-    )
-    from sdtrain.models.load import load_bundle
-    from sdtrain.tools.lora_files import kohya_file_for
+    with quiet_gc():  # torch and diffusers come with these (import_gc.py)
+        from sdtrain.config.sections import ModelSection
+        from sdtrain.methods.adapters.apply import apply_lora_file
+        from sdtrain.models.embeddings import (
+            add_embedding,
+            add_xti_embedding,
+            is_xti,
+            read_embedding,
+            read_xti,
+        )
+        from sdtrain.models.load import import_model_stack, load_bundle
+        from sdtrain.tools.lora_files import kohya_file_for
 
     section = ModelSection(
         pretrained_model_name_or_path=options.model,
@@ -135,6 +132,8 @@ def load_model(options: GenerateOptions) -> tuple[ModelBundle, dict[str, list[st
         clip_skip=options.clip_skip,
         max_token_length=options.max_token_length,
     )
+    with quiet_gc():  # the rest of the model stack, once the options are valid
+        import_model_stack()
     bundle = load_bundle(section)
     tokens: dict[str, list[str]] = {}
     # plain embeddings first: they grow the embedding matrix, XTI rows sit in front of it
