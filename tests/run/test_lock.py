@@ -35,6 +35,14 @@ def _holder(folder: Path) -> subprocess.Popen:
     return proc
 
 
+def _kill(proc: subprocess.Popen) -> None:
+    """SIGKILL the holder, reap it and close its stdout pipe (no ResourceWarning later)."""
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.stdout is not None
+    proc.stdout.close()
+
+
 def test_a_second_holder_in_the_same_process_is_refused(tmp_path):
     out = tmp_path / "out"
     with hold_run_folder(out):
@@ -64,8 +72,7 @@ def test_sigkill_releases_the_lock(tmp_path):
         with pytest.raises(RunFolderBusy, match=f"PID {proc.pid}"), hold_run_folder(out):
             pass
     finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
+        _kill(proc)
     assert (out / LOCK_FILE).exists()  # the kill left the file, but not the lock
     with hold_run_folder(out):
         assert (out / LOCK_FILE).read_text().strip() == str(os.getpid())
@@ -80,8 +87,7 @@ def test_a_run_on_a_busy_folder_exits_2_and_names_folder_and_pid(cli, tmp_path, 
         with pytest.raises(RunFolderBusy) as info:
             cli(["train", "lora", str(config), *(["--dry-run"] if dry_run else [])])
     finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
+        _kill(proc)
     assert info.value.exit_code == 2
     assert str(out) in info.value.message and f"PID {proc.pid}" in info.value.message
     assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]  # nothing was written
