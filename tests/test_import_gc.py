@@ -42,8 +42,9 @@ def test_off_in_the_block_then_frozen_and_on(collector, tmp_path, monkeypatch):
     name = _new_module(tmp_path, monkeypatch)
     frozen = gc.get_freeze_count()
     with quiet_gc():
-        assert not gc.isenabled()
+        assert gc.isenabled()  # until the block's first new import
         module = importlib.import_module(name)
+        assert not gc.isenabled()
     assert gc.isenabled()
     assert gc.get_freeze_count() >= frozen + len(module.TABLE)
     del sys.modules[name]
@@ -78,15 +79,44 @@ def test_opted_out_it_leaves_the_collector_alone(collector, tmp_path, monkeypatc
     del sys.modules[name]
 
 
-def test_a_block_that_imports_nothing_new_freezes_nothing(collector):
+@pytest.fixture
+def full_collections():
+    """The number of full collections while the test runs, as a one-item list."""
+    seen = [0]
+
+    def count(phase: str, info: dict) -> None:
+        if phase == "stop" and info["generation"] == 2:
+            seen[0] += 1
+
+    gc.callbacks.append(count)
+    yield seen
+    gc.callbacks.remove(count)
+
+
+def test_a_block_that_imports_nothing_new_leaves_the_collector_alone(collector, full_collections):
+    """A second run in one process: no collection over the whole heap, nothing frozen."""
     frozen = gc.get_freeze_count()
     with quiet_gc():
         import sdtrain.import_gc  # noqa: F401  (already imported)
 
+        assert gc.isenabled()
         made = [[] for _ in range(1000)]
+    assert full_collections[0] == 0
     assert gc.isenabled()
     assert gc.get_freeze_count() == frozen
     assert made
+
+
+def test_the_finder_is_gone_after_the_block(collector, tmp_path, monkeypatch):
+    name = _new_module(tmp_path, monkeypatch)
+    finders = list(sys.meta_path)
+    with quiet_gc():
+        importlib.import_module(name)
+    assert sys.meta_path == finders
+    with pytest.raises(RuntimeError), quiet_gc():
+        raise RuntimeError("boom")
+    assert sys.meta_path == finders
+    del sys.modules[name]
 
 
 def test_an_error_in_the_block_still_turns_it_back_on(collector):
@@ -95,14 +125,28 @@ def test_an_error_in_the_block_still_turns_it_back_on(collector):
     assert gc.isenabled()
 
 
-def test_an_inner_block_leaves_it_to_the_outer(collector):
+def test_an_inner_block_leaves_it_to_the_outer(collector, tmp_path, monkeypatch):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first, second = (
+        _new_module(tmp_path / "a", monkeypatch),
+        _new_module(tmp_path / "b", monkeypatch),
+    )
     with quiet_gc():
+        importlib.import_module(first)
         frozen = gc.get_freeze_count()
         with quiet_gc():
             pass
         assert not gc.isenabled()
         assert gc.get_freeze_count() == frozen
     assert gc.isenabled()
+    with quiet_gc():  # the inner block imports first: the outer block still owns the collector
+        with quiet_gc():
+            importlib.import_module(second)
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    for name in (first, second):
+        del sys.modules[name]
 
 
 def test_a_collector_turned_off_stays_off(collector):
