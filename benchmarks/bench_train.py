@@ -164,6 +164,8 @@ def run_variant(variant: str, case: dict, work: Path, spec: str, steps: int, war
             env["SDTRAIN_CONV"] = "onednn"
         if variant == "sdtrain-eager":
             env["SDTRAIN_EAGER_DIFFUSERS"] = "1"
+        if variant in ("sdtrain-omp-active", "sdtrain-omp-passive"):
+            env["OMP_WAIT_POLICY"] = variant.rsplit("-", 1)[1].upper()
         if case.get("profile"):
             env["SDTRAIN_BENCH_PROFILE"] = f"{warmup},{steps - warmup}"
         out = Path(tempfile.mkdtemp(prefix="out-", dir=work))
