@@ -13,6 +13,8 @@ Every case runs in a fresh subprocess (peak RSS is per process):
   chooses, instead of im2col + GEMM for the U-Net's small maps: models/conv_path.py), for A/B.
 * sdtrain-eager: the same with SDTRAIN_EAGER_DIFFUSERS=1 (diffusers' model-family packages
   imported whole instead of lazily: sdtrain/lazy_packages.py), for A/B.
+* sdtrain-omp-active / sdtrain-omp-passive: the same with OMP_WAIT_POLICY=ACTIVE / PASSIVE
+  (torch's OpenMP threads spin, or sleep at once, between parallel regions), for A/B.
 * sdtrain-compile: the same with `[training] torch_compile = true` (inductor; the compile time
   falls in the warm-up steps and the whole-process time), for A/B.
 * baseline: benchmarks/baseline_child.py, the reference-equivalent loop (default allocator; the

@@ -33,7 +33,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 OPT_OUT = "SDTRAIN_IMPORT_GC"
-_open_blocks: list[object] = []  # quiet_gc blocks in progress (an inner one leaves it to them)
 
 
 class _FirstImport:
@@ -55,17 +54,16 @@ def quiet_gc() -> Iterator[None]:
     """Run the block's imports without cyclic collections; when it imported anything, freeze
     what exists after it. A block that imports nothing new leaves the collector alone."""
     opted_out = os.environ.get(OPT_OUT, "").strip().lower() == "plain"
-    if opted_out or _open_blocks or not gc.isenabled():  # an outer block (or the process) owns it
+    outer = any(isinstance(finder, _FirstImport) for finder in sys.meta_path)
+    if opted_out or outer or not gc.isenabled():  # an outer block (or the process) owns it
         yield
         return
     modules = len(sys.modules)
     first = _FirstImport()
     sys.meta_path.insert(0, first)  # type: ignore[arg-type]
-    _open_blocks.append(first)
     try:
         yield
     finally:
-        _open_blocks.remove(first)
         if first in sys.meta_path:
             sys.meta_path.remove(first)  # type: ignore[arg-type]
         if first.paused:
