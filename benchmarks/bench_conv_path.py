@@ -19,8 +19,9 @@ import time
 from pathlib import Path
 
 
-def unet_conv_shapes(resolution: int) -> collections.Counter:
-    """(in, out, kernel, stride, input side, output positions) -> how many convs have it."""
+def unet_layer_shapes(resolution: int, kind: type, key) -> collections.Counter:
+    """key(module, inputs, output) -> how many `kind` layers of the SD1.5 U-Net give it, from
+    one batch-1 forward on the meta device at `resolution` (also bench_linear_path.py's)."""
     import torch
     from diffusers import UNet2DConditionModel
 
@@ -32,24 +33,32 @@ def unet_conv_shapes(resolution: int) -> collections.Counter:
     shapes: collections.Counter = collections.Counter()
 
     def record(mod, inputs, output) -> None:
-        shapes[
-            (
-                mod.in_channels,
-                mod.out_channels,
-                mod.kernel_size[0],
-                mod.stride[0],
-                inputs[0].shape[-1],
-                output.shape[-2] * output.shape[-1],
-            )
-        ] += 1
+        shapes[key(mod, inputs, output)] += 1
 
     for module in unet.modules():
-        if isinstance(module, torch.nn.Conv2d):
+        if isinstance(module, kind):
             module.register_forward_hook(record)
     side = resolution // 8
     with torch.device("meta"):
         unet(torch.zeros(1, 4, side, side), torch.tensor([10]), torch.zeros(1, 77, 768))
     return shapes
+
+
+def unet_conv_shapes(resolution: int) -> collections.Counter:
+    """(in, out, kernel, stride, input side, output positions) -> how many convs have it."""
+    import torch
+
+    def key(mod, inputs, output) -> tuple:
+        return (
+            mod.in_channels,
+            mod.out_channels,
+            mod.kernel_size[0],
+            mod.stride[0],
+            inputs[0].shape[-1],
+            output.shape[-2] * output.shape[-1],
+        )
+
+    return unet_layer_shapes(resolution, torch.nn.Conv2d, key)
 
 
 def time_shape(cin: int, cout: int, k: int, stride: int, side: int, repeat: int) -> dict:

@@ -11,6 +11,9 @@ Every case runs in a fresh subprocess (peak RSS is per process):
   half and up-cast per layer instead of up-cast to fp32 at load), for A/B.
 * sdtrain-onednn: the same with SDTRAIN_CONV=onednn (every convolution through oneDNN, as torch
   chooses, instead of im2col + GEMM for the U-Net's small maps: models/conv_path.py), for A/B.
+* sdtrain-stock-linear: the same with SDTRAIN_LINEAR=stock (every Linear through torch's
+  `F.linear`, instead of the weight-first GEMM for frozen layers with few rows:
+  models/linear_path.py), for A/B.
 * sdtrain-eager: the same with SDTRAIN_EAGER_DIFFUSERS=1 (diffusers' model-family packages
   imported whole instead of lazily: sdtrain/lazy_packages.py), for A/B.
 * sdtrain-omp-active / sdtrain-omp-passive: the same with OMP_WAIT_POLICY=ACTIVE / PASSIVE
@@ -164,6 +167,8 @@ def run_variant(variant: str, case: dict, work: Path, spec: str, steps: int, war
             env["SDTRAIN_FROZEN_HALF"] = "1"
         if variant == "sdtrain-onednn":
             env["SDTRAIN_CONV"] = "onednn"
+        if variant == "sdtrain-stock-linear":
+            env["SDTRAIN_LINEAR"] = "stock"
         if variant == "sdtrain-eager":
             env["SDTRAIN_EAGER_DIFFUSERS"] = "1"
         if variant in ("sdtrain-omp-active", "sdtrain-omp-passive"):

@@ -222,19 +222,24 @@ def final_files(captured: Captured) -> list[Path]:
 def check_export_reload(case: MethodCase, captured: Captured) -> None:
     from sdtrain.config.sections import ModelSection
     from sdtrain.models.conv_path import use_gemm_convolutions
+    from sdtrain.models.linear_path import use_weight_first_linears
     from sdtrain.models.load import load_bundle
 
     trainer = captured.trainer
     with trainer.method.sampling(trainer.bundle):
         want = predictions(trainer.bundle, case.prompts)
     fresh = load_bundle(ModelSection(pretrained_model_name_or_path="builtin:tiny-sd1"))
-    # the training's convolution kernels (models/conv_path.py), so that only the weights differ
+    # the training's convolution and Linear kernels (models/conv_path.py, linear_path.py), so
+    # that only the weights differ
     use_gemm_convolutions(fresh.unet)
+    use_weight_first_linears(fresh.unet)
     base = predictions(fresh, case.prompts)
     files = final_files(captured)
     assert files, "the final export wrote no file"
     reloaded = case.reload(files, fresh)
-    use_gemm_convolutions(reloaded.unet)
+    if reloaded is not fresh:  # a new bundle (a full model's file); never the adapters' layers
+        use_gemm_convolutions(reloaded.unet)
+        use_weight_first_linears(reloaded.unet)
     got = predictions(reloaded, case.prompts)
     assert not torch.equal(want, base), "training left the outputs unchanged"
     torch.testing.assert_close(got, want, atol=case.atol, rtol=0)

@@ -159,6 +159,16 @@ def test_training_routes_the_unet_convolutions(trained):
     assert convs and all("_conv_forward" in vars(m) for m in convs)
 
 
+def test_training_routes_the_unet_linears(trained):
+    """... and its Linear layers (models/linear_path.py), adapters' own excepted."""
+    _, captured, _ = trained
+    unet = captured.trainer.bundle.unet
+    linears = [
+        m for name, m in unet.named_modules() if type(m) is torch.nn.Linear and "lora_" not in name
+    ]
+    assert linears and all("forward" in vars(m) for m in linears)
+
+
 def test_export_reloads_to_the_same_outputs(trained):
     case, captured, _ = trained
     contract.check_export_reload(case, captured)

@@ -295,6 +295,7 @@ def _execute(prepared: Prepared, resume_hint: str) -> TrainResult:
         from sdtrain.models.conv_path import use_gemm_convolutions
         from sdtrain.models.geglu import use_recomputing_geglu
         from sdtrain.models.half_embedding import keep_token_embedding_half
+        from sdtrain.models.linear_path import use_weight_first_linears
         from sdtrain.models.load import import_model_stack, load_bundle
         from sdtrain.run.facts import collect_facts
         from sdtrain.run.train_data import free_vae, training_data
@@ -355,6 +356,7 @@ def _execute(prepared: Prepared, resume_hint: str) -> TrainResult:
     )
     _fill_class_images(prepared, bundle, processes, class_images)
     use_gemm_convolutions(bundle.unet)  # training only: generate keeps torch's kernels
+    use_weight_first_linears(bundle.unet)
     use_recomputing_geglu(bundle.unet)
     for encoder in bundle.family.text_encoders(bundle):
         use_recomputing_mlp(encoder)
