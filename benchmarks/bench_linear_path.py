@@ -6,7 +6,7 @@ Every Linear of the SD1.5 U-Net at the given resolution, batch 1 (shapes and cou
 forward on the meta device), runs its forward and its input gradient (a frozen weight, as in LoRA
 training) both ways, interleaved, median of --repeat. In a training step every weight arrives
 cold from memory, so each timing cycles through copies of the weight that together exceed the
-L3 cache (--pool-mib) and reports the time per copy. `routed_ms` sums the shapes linear_path.py
+L3 cache (POOL_MIB in all) and reports the time per copy. `routed_ms` sums the shapes linear_path.py
 sends the weight-first way (MIN_ROWS..MAX_ROWS rows) times their counts: if `stock` is lower
 there on a CPU, the routing rule is wrong on it. fp32 only. Prints one JSON object (also to --out).
 Usage: python benchmarks/bench_linear_path.py [--resolution 256] [--repeat 5] [--out FILE]

@@ -16,9 +16,9 @@ stock -> this path:
 The SD1.5 U-Net's routed Linear layers at 256 px, batch 1, take 444 instead of 615 ms per step
 (forward and input gradient). An earlier measurement with each weight warm in the cache found
 less (17-25 % on the GEGLU projection, 1280->1280 at 16 rows 15 % slower) and did not keep it;
-a training step reads them cold. At 1024
-rows this path is up to 70 % slower, at 77 and 256 rows it is even or slower, and below 16 rows
-its input gradient is several times slower, so only 16-64 rows take it. Over those rows the
+a training step reads them cold. At 1024 rows this path is up to 70 % slower, at 77 and 256
+rows it is even or slower, and below 16 rows its input gradient is several times slower, so only
+16-64 rows take it. Over those rows the
 results were bit-identical to torch's on that machine (both directions, with and without bias;
 an SD1.5 LoRA run's file after 3 steps too); another CPU's kernels may round differently
 (~1e-7 relative), and the choice depends on shapes only, so a run and its resume compute the same.
@@ -84,8 +84,8 @@ def _frozen_fp32(tensor: torch.Tensor | None) -> bool:
 
 
 def _takes_path(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """float32 CPU input of MIN_ROWS..MAX_ROWS rows, a frozen float32 weight and bias of one
-    layout, no autocast, not compiling."""
+    """float32 CPU input of MIN_ROWS..MAX_ROWS rows, a contiguous 2-D float32 weight and a bias
+    with no gradient to compute, no autocast, not compiling."""
     return (
         x.device.type == "cpu"
         and x.dtype == torch.float32
