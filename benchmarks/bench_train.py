@@ -30,6 +30,10 @@ the full SD1.5 architecture with random weights (256 px; minutes per run; cached
 --full-latents says otherwise) x precision fp32/bf16 x cached/uncached latents. LoRA dim 8 on
 UNet + text encoder, AdamW, batch 1. Seconds per step are the median over the steps after the
 warm-up; repeats alternate the variants (A B A B) and report the median of the repeat medians.
+Each variant's `fixed_s` is its process time minus its steps at its median step time (start-up,
+imports, load, latent caching, save, and the first steps' extra); `ratio_vs_baseline` gives, per
+variant, `step_for_process_0.7`: the step-time ratio at which its whole process would be 0.7x the
+baseline's, the fixed parts staying as measured.
 
 Also: `sdtrain --help` start time (median of several runs) and the engine's own share of the step
 time (everything but UNet/TE forward + backward, optimizer step and VAE encodes), measured with
@@ -238,19 +242,35 @@ def cli_start(runs: int) -> dict:
     return {"median_s": statistics.median(times[1:]), "runs": times[1:], "target_s": 0.3}
 
 
-def _summary(runs: list[dict]) -> dict:
+def _summary(runs: list[dict], steps: int) -> dict:
+    """Medians over the repeats. `fixed_s`: the process time that is not `steps` steps at the
+    median step time (start-up, imports, model load, latent caching, save, and what the first
+    steps take beyond the later ones)."""
+
     def median(key: str) -> float | None:
         values = [r[key] for r in runs if r.get(key) is not None]
         return statistics.median(values) if values else None
 
+    step, wall = median("s_per_step"), median("wall_s")
     return {
-        "s_per_step": median("s_per_step"),
+        "s_per_step": step,
         "cpu_s_per_step": median("cpu_s_per_step"),
         "minor_faults_per_step": median("minor_faults_per_step"),
         "peak_rss_mib": median("peak_rss_mib"),
-        "process_wall_s": median("wall_s"),
+        "process_wall_s": wall,
+        "fixed_s": round(wall - steps * step, 2) if step and wall else None,
         "repeats": len(runs),
     }
+
+
+def _step_for_process(variant: dict, base: dict, steps: int, target: float = 0.7) -> float | None:
+    """The step-time ratio against the baseline at which `variant`'s whole process would be
+    `target` times the baseline's, its fixed part staying as measured: what the whole-process
+    target asks of the step, given the start-up, load and caching both tools pay."""
+    if not (variant["fixed_s"] is not None and base["process_wall_s"] and base["s_per_step"]):
+        return None
+    step = (target * base["process_wall_s"] - variant["fixed_s"]) / steps
+    return round(step / base["s_per_step"], 3)
 
 
 def _mfu(case: dict, summary: dict, peak: dict[str, float]) -> dict:
@@ -288,7 +308,7 @@ def bench_case(
         for variant in variants:
             print(f"# {case} {variant}", file=sys.stderr, flush=True)
             runs[variant].append(run_variant(variant, case, work, spec, warmup + timed, warmup))
-    summary = {v: _summary(r) for v, r in runs.items()}
+    summary = {v: _summary(r, warmup + timed) for v, r in runs.items()}
     record = {**case, "warmup_steps": warmup, "runs": runs, "summary": summary}
     if peak:
         record["mfu"] = _mfu(case, summary, peak)
@@ -300,6 +320,7 @@ def bench_case(
                 "cpu_time": round(s["cpu_s_per_step"] / base["cpu_s_per_step"], 3),
                 "rss": round(s["peak_rss_mib"] / base["peak_rss_mib"], 3),
                 "process": round(s["process_wall_s"] / base["process_wall_s"], 3),
+                "step_for_process_0.7": _step_for_process(s, base, warmup + timed),
             }
             for v, s in summary.items()
             if v != "baseline" and s["s_per_step"]
@@ -321,12 +342,13 @@ def _print_summary(report: dict) -> None:
                 f"  {variant:<17} {s['s_per_step'] or float('nan'):7.2f} s/step "
                 f"(cpu {s['cpu_s_per_step'] or float('nan'):6.2f})  "
                 f"peak {s['peak_rss_mib'] / 1024:5.2f} GiB  process {s['process_wall_s']:6.1f} s"
+                f" (fixed {s['fixed_s'] if s['fixed_s'] is not None else float('nan'):5.1f} s)"
             )
             r = ratios.get(variant)
             if r:
                 line += (
                     f"  | x baseline: time {r['time']} cpu {r['cpu_time']} rss {r['rss']} "
-                    f"process {r['process']}"
+                    f"process {r['process']} (0.7x needs step {r['step_for_process_0.7']})"
                 )
             mfu = case.get("mfu", {}).get("variants", {}).get(variant)
             if mfu:
