@@ -106,12 +106,14 @@ def machine() -> dict:
     }
 
 
-def arguments(doc: str, repeat: int) -> argparse.Namespace:
-    """--resolution, --repeat and --out (also bench_startup.py's)."""
+def arguments(doc: str, repeat: int, flags: tuple[str, ...] = ()) -> argparse.Namespace:
+    """--resolution, --repeat and --out (also bench_startup.py's), and on/off `flags`."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--repeat", type=int, default=repeat)
     parser.add_argument("--out", type=Path)
+    for flag in flags:
+        parser.add_argument(flag, action="store_true")
     return parser.parse_args()
 
 

@@ -232,14 +232,16 @@ def check_export_reload(case: MethodCase, captured: Captured) -> None:
     # the training's convolution and Linear kernels (models/conv_path.py, linear_path.py), so
     # that only the weights differ
     use_gemm_convolutions(fresh.unet)
-    use_weight_first_linears(fresh.unet)
+    for model in (fresh.unet, *fresh.family.text_encoders(fresh)):
+        use_weight_first_linears(model)
     base = predictions(fresh, case.prompts)
     files = final_files(captured)
     assert files, "the final export wrote no file"
     reloaded = case.reload(files, fresh)
     if reloaded is not fresh:  # a new bundle (a full model's file); never the adapters' layers
         use_gemm_convolutions(reloaded.unet)
-        use_weight_first_linears(reloaded.unet)
+        for model in (reloaded.unet, *reloaded.family.text_encoders(reloaded)):
+            use_weight_first_linears(model)
     got = predictions(reloaded, case.prompts)
     assert not torch.equal(want, base), "training left the outputs unchanged"
     torch.testing.assert_close(got, want, atol=case.atol, rtol=0)

@@ -160,13 +160,17 @@ def test_training_routes_the_unet_convolutions(trained):
 
 
 def test_training_routes_the_unet_linears(trained):
-    """... and its Linear layers (models/linear_path.py), adapters' own excepted."""
+    """... and its and the text encoders' Linear layers (models/linear_path.py), adapters' own
+    excepted."""
     _, captured, _ = trained
-    unet = captured.trainer.bundle.unet
-    linears = [
-        m for name, m in unet.named_modules() if type(m) is torch.nn.Linear and "lora_" not in name
-    ]
-    assert linears and all("forward" in vars(m) for m in linears)
+    bundle = captured.trainer.bundle
+    for model in (bundle.unet, *bundle.family.text_encoders(bundle)):
+        linears = [
+            m
+            for name, m in model.named_modules()
+            if type(m) is torch.nn.Linear and "lora_" not in name
+        ]
+        assert linears and all("forward" in vars(m) for m in linears)
 
 
 def test_export_reloads_to_the_same_outputs(trained):

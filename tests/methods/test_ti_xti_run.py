@@ -99,7 +99,8 @@ def test_xti_file_reloads_to_the_same_predictions(trained) -> None:
     want = xti_predictions(trainer.bundle, XTI.prompts)
     fresh = load_bundle(ModelSection(pretrained_model_name_or_path="builtin:tiny-sd1"))
     use_gemm_convolutions(fresh.unet)  # the training's convolution kernels (conv_path.py)
-    use_weight_first_linears(fresh.unet)  # and Linear kernels (linear_path.py)
+    for model in (fresh.unet, *fresh.family.text_encoders(fresh)):
+        use_weight_first_linears(model)  # and Linear kernels (linear_path.py)
     got = xti_predictions(_reload_xti([path], fresh), XTI.prompts)
     torch.testing.assert_close(got, want, atol=0, rtol=0)
     sites = xti_predictions(trainer.bundle, ["zqtok zqtok1"])

@@ -1,4 +1,5 @@
-"""Frozen Linear layers with few rows on the CPU: the GEMM with the weight as its left operand.
+"""Frozen Linear layers on the CPU: the weight as the GEMM's left operand for few rows, and wide
+layers' forward in blocks.
 
 torch computes `F.linear(x, W)` as `x @ W^T`. With few rows (tokens) and a large weight, as at the
 SD U-Net's 8x8 and 4x4 levels, that GEMM is bound by reading the weight, and in training every
@@ -23,13 +24,25 @@ results were bit-identical to torch's on that machine (both directions, with and
 an SD1.5 LoRA run's file after 3 steps too); another CPU's kernels may round differently
 (~1e-7 relative), and the choice depends on shapes only, so a run and its resume compute the same.
 
-`use_weight_first_linears(module)` gives each Linear of the module a forward that takes this path
-for float32 CPU input of 16-64 rows when no gradient of the layer's weight or bias is computed
-(they are frozen, or gradients are not recorded), outside autocast and torch.compile. Everything
-else (weights being trained, other dtypes, CUDA, frozen half weights, more or fewer rows) is
-torch's `F.linear`. Training applies it to the loaded U-Net (run/train.py); an adapter that
-later wraps a Linear calls it as its base layer. `generate` and the data tools keep torch's
-kernels. SDTRAIN_LINEAR=stock turns it off (A/B).
+Wide layers (2560 or more output features: the GEGLU projections, the text encoder's first MLP
+layer) also compute their forward in blocks: 16-64 rows weight first over 2048 weight rows per
+GEMM, 65-1024 rows as `x @ W^T` into 512 output columns per GEMM. Each output is the same dot
+product over the same inputs, only fewer of them per call, and MKL ran the smaller calls faster
+with the weight cold; the input gradient keeps the unblocked form (blocking it was slower).
+Measured the same way (forward, ms, one GEMM -> blocks; `bench_linear_path.py --text-encoder`,
+2026-12-08): 64 rows 1280->10240 29.1 -> 23.4, 16 rows 14.4 -> 11.0; 256 rows 640->5120 24.5 ->
+18.8; 1024 rows 320->2560 17.2 -> 14.8; the text encoder's 77 rows 768->3072 5.8 -> 5.4; 77 ms
+less per SD1.5 step at 256 px. Bit-identical at every shape measured, and an SD1.5 LoRA file
+after 3 steps was identical with and without the blocks.
+
+`use_weight_first_linears(module)` gives each Linear of the module a forward that takes these
+paths for float32 CPU input when no gradient of the layer's weight or bias is computed (they
+are frozen, or gradients are not recorded), outside autocast and torch.compile: weight first for
+16-64 rows, column blocks for wide layers with 65-1024 rows. Everything else (weights being
+trained, other dtypes, CUDA, frozen half weights, other row counts) is torch's `F.linear`.
+Training applies it to the loaded U-Net and text encoders (run/train.py); an adapter that later
+wraps a Linear calls it as its base layer. `generate` and the data tools keep torch's kernels.
+SDTRAIN_LINEAR=stock turns it off (A/B).
 """
 
 from __future__ import annotations
@@ -42,30 +55,67 @@ import torch
 
 MIN_ROWS = 16
 MAX_ROWS = 64
+WIDE = 2560  # output features from which the forward runs in blocks
+MAX_BLOCKED_ROWS = 1024
+WEIGHT_ROWS_PER_GEMM = 2048  # weight-first blocks (16-64 rows)
+COLUMNS_PER_GEMM = 512  # x @ W^T blocks (65-1024 rows)
 OPT_OUT = "SDTRAIN_LINEAR"
 
 
-class _WeightFirst(torch.autograd.Function):
-    """`x @ W^T + b` computed as `(W @ x^T)^T`, input gradient as `(W^T @ g^T)^T`; the weight
-    and bias are frozen, so only the weight is kept for backward."""
+def _blocks(features: int, size: int) -> list[tuple[int, int]]:
+    """[start, end) ranges of `size` features (one range when the layer is narrower than WIDE)."""
+    if features < WIDE:
+        return [(0, features)]
+    return [(start, min(features, start + size)) for start in range(0, features, size)]
+
+
+class _FrozenLinear(torch.autograd.Function):
+    """`x @ W^T + b` for a frozen weight and bias, the way `_path` chose: weight first,
+    `(W @ x^T)^T` in blocks of weight rows, input gradient `(W^T @ g^T)^T`; or `x @ W^T` in
+    blocks of output columns, input gradient `g @ W` as torch's own linear computes it. Only
+    the weight is kept for backward."""
 
     @staticmethod
     def forward(
-        ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+        ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, first: bool
     ) -> torch.Tensor:
         ctx.save_for_backward(weight)
-        rows = x.reshape(-1, x.shape[-1]).t()
-        out = torch.mm(weight, rows) if bias is None else torch.addmm(bias[:, None], weight, rows)
-        return _row_major(out, x.shape[:-1])
+        ctx.weight_first = first
+        flat = x.reshape(-1, x.shape[-1])
+        features = weight.shape[0]
+        if first:
+            product = flat.new_empty(features, flat.shape[0])
+            for start, end in _blocks(features, WEIGHT_ROWS_PER_GEMM):
+                column = None if bias is None else bias[start:end, None]
+                _gemm(product[start:end], weight[start:end], flat.t(), column)
+            return _row_major(product, x.shape[:-1])
+        out = flat.new_empty(*x.shape[:-1], features)  # returned as is: not a view
+        columns = out.view(-1, features)
+        for start, end in _blocks(features, COLUMNS_PER_GEMM):
+            row = None if bias is None else bias[start:end]
+            _gemm(columns[:, start:end], flat, weight[start:end].t(), row)
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # a double backward fails loudly
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
         if not ctx.needs_input_grad[0]:
-            return None, None, None
+            return None, None, None, None
         (weight,) = ctx.saved_tensors
-        rows = grad.reshape(-1, grad.shape[-1]).t()
-        return _row_major(torch.mm(weight.t(), rows), grad.shape[:-1]), None, None
+        flat = grad.reshape(-1, grad.shape[-1])
+        if ctx.weight_first:
+            grad_x = _row_major(torch.mm(weight.t(), flat.t()), grad.shape[:-1])
+        else:
+            grad_x = torch.mm(flat, weight).view(*grad.shape[:-1], weight.shape[1])
+        return grad_x, None, None, None
+
+
+def _gemm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """`out = a @ b (+ bias)`, written into `out` (a block of the result)."""
+    if bias is None:
+        torch.mm(a, b, out=out)
+    else:
+        torch.addmm(bias, a, b, out=out)
 
 
 def _row_major(product: torch.Tensor, lead: torch.Size) -> torch.Tensor:
@@ -83,14 +133,14 @@ def _frozen_fp32(tensor: torch.Tensor | None) -> bool:
     )
 
 
-def _takes_path(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """float32 CPU input of MIN_ROWS..MAX_ROWS rows, a contiguous 2-D float32 weight and a bias
-    with no gradient to compute, no autocast, not compiling."""
-    return (
+def _path(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> str | None:
+    """ "weight_first" for MIN_ROWS..MAX_ROWS rows, "columns" for a WIDE layer with up to
+    MAX_BLOCKED_ROWS rows, given float32 CPU input, a contiguous 2-D float32 weight and a bias
+    with no gradient to compute, no autocast, not compiling; else None (torch's linear)."""
+    if not (
         x.device.type == "cpu"
         and x.dtype == torch.float32
         and x.dim() >= 2
-        and MIN_ROWS <= x.numel() // max(x.shape[-1], 1) <= MAX_ROWS
         and _frozen_fp32(weight)
         and _frozen_fp32(bias)
         and weight.device.type == "cpu"
@@ -98,19 +148,33 @@ def _takes_path(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         and weight.is_contiguous()
         and not torch.is_autocast_enabled("cpu")
         and not torch.compiler.is_compiling()
-    )
+    ):
+        return None
+    rows = x.numel() // max(x.shape[-1], 1)
+    if MIN_ROWS <= rows <= MAX_ROWS:
+        return "weight_first"
+    if MAX_ROWS < rows <= MAX_BLOCKED_ROWS and weight.shape[0] >= WIDE:
+        return "columns"
+    return None
+
+
+def frozen_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)`, on the path `_path` picks (see the module doc)."""
+    path = _path(x, weight, bias)
+    if path is None:
+        return torch.nn.functional.linear(x, weight, bias)
+    return _FrozenLinear.apply(x, weight, bias, path == "weight_first")
 
 
 def _forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """Linear.forward, through `_WeightFirst` where `_takes_path` says so."""
-    if _takes_path(x, self.weight, self.bias):
-        return _WeightFirst.apply(x, self.weight, self.bias)
-    return torch.nn.functional.linear(x, self.weight, self.bias)
+    """Linear.forward through `frozen_linear`."""
+    return frozen_linear(x, self.weight, self.bias)
 
 
 def use_weight_first_linears(module: torch.nn.Module) -> int:
-    """Give every plain Linear of `module` the weight-first forward for frozen weights and few
-    rows (see the module doc); returns how many Linear layers got it (0 when opted out)."""
+    """Give every plain Linear of `module` the forward for frozen weights (weight first for few
+    rows, column blocks for wide layers; see the module doc); returns how many Linear layers got
+    it (0 when opted out)."""
     if os.environ.get(OPT_OUT, "").strip().lower() == "stock":
         return 0
     count = 0

@@ -359,6 +359,7 @@ def _execute(prepared: Prepared, resume_hint: str) -> TrainResult:
     use_weight_first_linears(bundle.unet)
     use_recomputing_geglu(bundle.unet)
     for encoder in bundle.family.text_encoders(bundle):
+        use_weight_first_linears(encoder)  # its wide MLP layer's forward in blocks
         use_recomputing_mlp(encoder)
     if _half_token_embedding(method, precision):
         for encoder in bundle.family.text_encoders(bundle):
