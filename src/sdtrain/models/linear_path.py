@@ -134,9 +134,9 @@ def _frozen_fp32(tensor: torch.Tensor | None) -> bool:
 
 
 def _path(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> str | None:
-    """ "weight_first" for MIN_ROWS..MAX_ROWS rows, "columns" for a WIDE layer with up to
-    MAX_BLOCKED_ROWS rows, given float32 CPU input, a contiguous 2-D float32 weight and a bias
-    with no gradient to compute, no autocast, not compiling; else None (torch's linear)."""
+    """Which path: weight first for MIN_ROWS..MAX_ROWS rows, column blocks for a WIDE layer with
+    up to MAX_BLOCKED_ROWS rows, given float32 CPU input, a contiguous 2-D float32 weight and a
+    bias with no gradient to compute, no autocast, not compiling; else None (torch's linear)."""
     if not (
         x.device.type == "cpu"
         and x.dtype == torch.float32
