@@ -221,9 +221,8 @@ def final_files(captured: Captured) -> list[Path]:
 
 def check_export_reload(case: MethodCase, captured: Captured) -> None:
     from sdtrain.config.sections import ModelSection
-    from sdtrain.models.conv_path import use_gemm_convolutions
-    from sdtrain.models.linear_path import use_weight_first_linears
     from sdtrain.models.load import load_bundle
+    from sdtrain.models.training_kernels import use_training_kernels
 
     trainer = captured.trainer
     with trainer.method.sampling(trainer.bundle):
@@ -231,17 +230,13 @@ def check_export_reload(case: MethodCase, captured: Captured) -> None:
     fresh = load_bundle(ModelSection(pretrained_model_name_or_path="builtin:tiny-sd1"))
     # the training's convolution and Linear kernels (models/conv_path.py, linear_path.py), so
     # that only the weights differ
-    use_gemm_convolutions(fresh.unet)
-    for model in (fresh.unet, *fresh.family.text_encoders(fresh)):
-        use_weight_first_linears(model)
+    use_training_kernels(fresh)
     base = predictions(fresh, case.prompts)
     files = final_files(captured)
     assert files, "the final export wrote no file"
     reloaded = case.reload(files, fresh)
     if reloaded is not fresh:  # a new bundle (a full model's file); never the adapters' layers
-        use_gemm_convolutions(reloaded.unet)
-        for model in (reloaded.unet, *reloaded.family.text_encoders(reloaded)):
-            use_weight_first_linears(model)
+        use_training_kernels(reloaded)
     got = predictions(reloaded, case.prompts)
     assert not torch.equal(want, base), "training left the outputs unchanged"
     torch.testing.assert_close(got, want, atol=case.atol, rtol=0)

@@ -85,9 +85,8 @@ def test_xti_file_reloads_to_the_same_predictions(trained) -> None:
     from safetensors import safe_open
 
     from sdtrain.config.sections import ModelSection
-    from sdtrain.models.conv_path import use_gemm_convolutions
-    from sdtrain.models.linear_path import use_weight_first_linears
     from sdtrain.models.load import load_bundle
+    from sdtrain.models.training_kernels import use_training_kernels
 
     captured, out = trained
     (path,) = contract.final_files(captured)
@@ -98,9 +97,7 @@ def test_xti_file_reloads_to_the_same_predictions(trained) -> None:
     trainer = captured.trainer
     want = xti_predictions(trainer.bundle, XTI.prompts)
     fresh = load_bundle(ModelSection(pretrained_model_name_or_path="builtin:tiny-sd1"))
-    use_gemm_convolutions(fresh.unet)  # the training's convolution kernels (conv_path.py)
-    for model in (fresh.unet, *fresh.family.text_encoders(fresh)):
-        use_weight_first_linears(model)  # and Linear kernels (linear_path.py)
+    use_training_kernels(fresh)  # the training's convolution and Linear kernels
     got = xti_predictions(_reload_xti([path], fresh), XTI.prompts)
     torch.testing.assert_close(got, want, atol=0, rtol=0)
     sites = xti_predictions(trainer.bundle, ["zqtok zqtok1"])

@@ -24,8 +24,8 @@ such convolutions fell back to oneDNN). Everything else (fp16 compute, CUDA, lar
 or weights not in the plain contiguous layout) keeps torch's own choice. Results differ from
 oneDNN's by float rounding (~5e-7 relative per fp32 convolution). The choice depends on shapes
 only, so a run and its resume compute the same. Training applies it to the loaded U-Net, before
-any adapter layer exists (run/train.py; adapters' own small convolutions keep torch's choice);
-`generate` and the data tools keep torch's kernels.
+any adapter layer exists (models/training_kernels.py; adapters' own small convolutions keep
+torch's choice); `generate` and the data tools keep torch's kernels.
 SDTRAIN_CONV=onednn turns it off (A/B).
 """
 

@@ -40,9 +40,9 @@ paths for float32 CPU input when no gradient of the layer's weight or bias is co
 are frozen, or gradients are not recorded), outside autocast and torch.compile: weight first for
 16-64 rows, column blocks for wide layers with 65-1024 rows. Everything else (weights being
 trained, other dtypes, CUDA, frozen half weights, other row counts) is torch's `F.linear`.
-Training applies it to the loaded U-Net and text encoders (run/train.py); an adapter that later
-wraps a Linear calls it as its base layer. `generate` and the data tools keep torch's kernels.
-SDTRAIN_LINEAR=stock turns it off (A/B).
+Training applies it to the loaded U-Net and text encoders (models/training_kernels.py); an
+adapter that later wraps a Linear calls it as its base layer. `generate` and the data tools
+keep torch's kernels. SDTRAIN_LINEAR=stock turns it off (A/B).
 """
 
 from __future__ import annotations

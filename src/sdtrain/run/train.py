@@ -292,11 +292,10 @@ def _execute(prepared: Prepared, resume_hint: str) -> TrainResult:
         from sdtrain.engine.state import load_state
         from sdtrain.methods.adapters.metadata import training_metadata
         from sdtrain.models.clip_mlp import use_recomputing_mlp
-        from sdtrain.models.conv_path import use_gemm_convolutions
         from sdtrain.models.geglu import use_recomputing_geglu
         from sdtrain.models.half_embedding import keep_token_embedding_half
-        from sdtrain.models.linear_path import use_weight_first_linears
         from sdtrain.models.load import import_model_stack, load_bundle
+        from sdtrain.models.training_kernels import use_training_kernels
         from sdtrain.run.facts import collect_facts
         from sdtrain.run.train_data import free_vae, training_data
 
@@ -355,11 +354,9 @@ def _execute(prepared: Prepared, resume_hint: str) -> TrainResult:
         with_vae=cache_first if latents_first else None,
     )
     _fill_class_images(prepared, bundle, processes, class_images)
-    use_gemm_convolutions(bundle.unet)  # training only: generate keeps torch's kernels
-    use_weight_first_linears(bundle.unet)
+    use_training_kernels(bundle)  # training only: generate keeps torch's kernels
     use_recomputing_geglu(bundle.unet)
     for encoder in bundle.family.text_encoders(bundle):
-        use_weight_first_linears(encoder)  # its wide MLP layer's forward in blocks
         use_recomputing_mlp(encoder)
     if _half_token_embedding(method, precision):
         for encoder in bundle.family.text_encoders(bundle):
