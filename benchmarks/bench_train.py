@@ -14,6 +14,8 @@ Every case runs in a fresh subprocess (peak RSS is per process):
 * sdtrain-stock-linear: the same with SDTRAIN_LINEAR=stock (every Linear through torch's
   `F.linear`, instead of the weight-first GEMM for frozen layers with few rows:
   models/linear_path.py), for A/B.
+* sdtrain-linear-path: the same with SDTRAIN_LINEAR=path (frozen Linear layers through
+  models/linear_path.py whatever the CPU; by default only AVX2 CPUs route them), for A/B.
 * sdtrain-eager: the same with SDTRAIN_EAGER_DIFFUSERS=1 (diffusers' model-family packages
   imported whole instead of lazily: sdtrain/lazy_packages.py), for A/B.
 * sdtrain-omp-active / sdtrain-omp-passive: the same with OMP_WAIT_POLICY=ACTIVE / PASSIVE
@@ -173,6 +175,8 @@ def run_variant(variant: str, case: dict, work: Path, spec: str, steps: int, war
             env["SDTRAIN_CONV"] = "onednn"
         if variant == "sdtrain-stock-linear":
             env["SDTRAIN_LINEAR"] = "stock"
+        if variant == "sdtrain-linear-path":
+            env["SDTRAIN_LINEAR"] = "path"
         if variant == "sdtrain-eager":
             env["SDTRAIN_EAGER_DIFFUSERS"] = "1"
         if variant in ("sdtrain-omp-active", "sdtrain-omp-passive"):

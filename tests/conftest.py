@@ -15,6 +15,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # bf16 runs check numerics on tiny models; on a CPU without oneDNN bf16 kernels sdtrain refuses
 # bf16 as far too slow for real work (engine/cpu_bf16.py), which the refusal's own tests check
 os.environ.setdefault("SDTRAIN_ALLOW_SLOW_BF16", "1")
+# training routes frozen Linear layers through models/linear_path.py only on the CPUs it was
+# measured faster on; the tests route them on every machine, so that the exactness, resume and
+# interop tests check those kernels wherever they run (test_linear_path.py checks the choice)
+os.environ.setdefault("SDTRAIN_LINEAR", "path")
 
 import pytest  # noqa: E402
 

@@ -96,6 +96,21 @@ def test_everything_else_is_torchs_linear(monkeypatch):
     assert use_weight_first_linears(torch.nn.Linear(4, 4)) == 0
 
 
+def test_the_default_routes_only_the_cpus_it_was_measured_faster_on(monkeypatch):
+    monkeypatch.delenv(linear_path.OPT_OUT, raising=False)
+    assert linear_path.routes_here("AVX2")
+    for capability in ("AVX512", "DEFAULT", "SVE256", "NO AVX"):
+        assert not linear_path.routes_here(capability)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert use_weight_first_linears(torch.nn.Linear(4, 4)) == 0
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert use_weight_first_linears(torch.nn.Linear(4, 4)) == 1
+    monkeypatch.setenv(linear_path.OPT_OUT, "path")  # forced on, whatever the CPU
+    assert linear_path.routes_here("AVX512") and linear_path.routes_here("DEFAULT")
+    monkeypatch.setenv(linear_path.OPT_OUT, "stock")  # forced off
+    assert not linear_path.routes_here("AVX2")
+
+
 def _mlp() -> torch.nn.Sequential:
     return torch.nn.Sequential(torch.nn.Linear(24, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
 

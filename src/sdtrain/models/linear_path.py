@@ -35,6 +35,14 @@ Measured the same way (forward, ms, one GEMM -> blocks; `bench_linear_path.py --
 less per SD1.5 step at 256 px. Bit-identical at every shape measured, and an SD1.5 LoRA file
 after 3 steps was identical with and without the blocks.
 
+Which CPUs: only where torch's CPU capability is AVX2 (no AVX-512), the machines it was measured
+faster on. On a 2-vCPU Intel Xeon with AVX-512 and AMX (2026-12-08, same script) MKL's own
+`x @ W^T` won almost everywhere: the routed shapes took 703 ms a step against 614 stock (64 rows
+1280->10240: forward 8.9 weight first, 10.3 in blocks, 8.5 stock; input gradient 12.7 against
+7.3), and whole SD1.5 LoRA steps took 2.56 s against 2.45 with `SDTRAIN_LINEAR=stock` (3
+alternating pairs, each pair the same way round). AVX-512 CPUs from other vendors are
+unmeasured and keep torch's kernels too.
+
 `use_weight_first_linears(module)` gives each Linear of the module a forward that takes these
 paths for float32 CPU input when no gradient of the layer's weight or bias is computed (they
 are frozen, or gradients are not recorded), outside autocast and torch.compile: weight first for
@@ -42,7 +50,8 @@ are frozen, or gradients are not recorded), outside autocast and torch.compile: 
 trained, other dtypes, CUDA, frozen half weights, other row counts) is torch's `F.linear`.
 Training applies it to the loaded U-Net and text encoders (models/training_kernels.py); an
 adapter that later wraps a Linear calls it as its base layer. `generate` and the data tools
-keep torch's kernels. SDTRAIN_LINEAR=stock turns it off (A/B).
+keep torch's kernels. SDTRAIN_LINEAR=stock turns it off, SDTRAIN_LINEAR=path on whatever the CPU
+(A/B; the tests run with it, so the routed kernels are checked on every machine).
 """
 
 from __future__ import annotations
@@ -59,7 +68,8 @@ WIDE = 2560  # output features from which the forward runs in blocks
 MAX_BLOCKED_ROWS = 1024
 WEIGHT_ROWS_PER_GEMM = 2048  # weight-first blocks (16-64 rows)
 COLUMNS_PER_GEMM = 512  # x @ W^T blocks (65-1024 rows)
-OPT_OUT = "SDTRAIN_LINEAR"
+OPT_OUT = "SDTRAIN_LINEAR"  # "stock": never route; "path": route on any CPU; else by CPU
+ROUTED_CAPABILITIES = frozenset({"AVX2"})  # torch.backends.cpu.get_cpu_capability() values
 
 
 def _blocks(features: int, size: int) -> list[tuple[int, int]]:
@@ -171,11 +181,23 @@ def _forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return frozen_linear(x, self.weight, self.bias)
 
 
+def routes_here(capability: str | None = None) -> bool:
+    """Whether training routes frozen Linear layers on this machine: SDTRAIN_LINEAR=stock never,
+    =path always, otherwise where torch's CPU capability (`capability`, default this machine's)
+    is one the path was measured faster on (ROUTED_CAPABILITIES)."""
+    choice = os.environ.get(OPT_OUT, "").strip().lower()
+    if choice in ("stock", "path"):
+        return choice == "path"
+    if capability is None:
+        capability = torch.backends.cpu.get_cpu_capability()
+    return capability in ROUTED_CAPABILITIES
+
+
 def use_weight_first_linears(module: torch.nn.Module) -> int:
     """Give every plain Linear of `module` the forward for frozen weights (weight first for few
     rows, column blocks for wide layers; see the module doc); returns how many Linear layers got
-    it (0 when opted out)."""
-    if os.environ.get(OPT_OUT, "").strip().lower() == "stock":
+    it (0 where `routes_here()` is false)."""
+    if not routes_here():
         return 0
     count = 0
     for linear in module.modules():
