@@ -3,10 +3,15 @@
 
 Every Conv2d of the SD1.5 U-Net at the given resolution (shapes and counts from a forward on the
 meta device) runs forward + input gradient (frozen weights, as in LoRA training) both ways,
-interleaved, best of --repeat. `routed` sums the shapes conv_path.py sends to the GEMM path
-(at most MAX_POSITIONS output positions), each times its count: if oneDNN's sum is lower on a
-CPU, the routing rule is wrong there. fp32 only. Prints one JSON object (also to --out).
-Usage: python benchmarks/bench_conv_path.py [--resolution 256] [--repeat 5] [--out FILE]
+interleaved, best of --repeat. `routed` sums the shapes conv_path.py sends to the GEMM path (at
+most MAX_POSITIONS output positions), each times its count: if oneDNN's sum is lower on a CPU, the
+routing rule is wrong there. `gemm_rows` times the frozen small maps' one-GEMM input gradient (at
+most MAX_ROWS_POSITIONS positions; conv_path.py's form on AVX-512 CPUs), and its `routed` sum is
+the GEMM path with that form where it applies. fp32 only. Prints one JSON object (also to --out).
+--cold times each call on a weight copy not in the cache, as in a training step, where every
+weight arrives cold from memory (without it: one warm weight, as until 2026-12-08; --cold took 11
+minutes on a 2-vCPU Xeon, the small weights being cycled through many copies).
+Usage: python benchmarks/bench_conv_path.py [--resolution 256] [--repeat 5] [--cold] [--out FILE]
 """
 
 from __future__ import annotations
@@ -17,6 +22,21 @@ import json
 import platform
 import time
 from pathlib import Path
+
+POOL_MIB = 160  # over a typical L3 cache; more where the CPU reports a larger one (pool_mib)
+L3_SIZE = Path("/sys/devices/system/cpu/cpu0/cache/index3/size")
+
+
+def pool_mib() -> int:
+    """MiB of weight copies to cycle through: POOL_MIB, or 1.25x the L3 cache the CPU reports
+    where that is more (a 2-vCPU Xeon VM reported 480 MiB), so that each copy is cold
+    (also bench_linear_path.py's)."""
+    try:
+        text = L3_SIZE.read_text(encoding="ascii").strip().upper()
+        l3_mib = int(text.rstrip("K")) // 1024 if text.endswith("K") else int(text) // 2**20
+    except (OSError, ValueError):
+        return POOL_MIB
+    return max(POOL_MIB, l3_mib * 5 // 4)
 
 
 def unet_layer_shapes(resolution: int, kind: type, key) -> collections.Counter:
@@ -61,30 +81,45 @@ def unet_conv_shapes(resolution: int) -> collections.Counter:
     return unet_layer_shapes(resolution, torch.nn.Conv2d, key)
 
 
-def time_shape(cin: int, cout: int, k: int, stride: int, side: int, repeat: int) -> dict:
+def time_shape(
+    cin: int, cout: int, k: int, stride: int, side: int, repeat: int, cold: bool = False
+) -> dict:
+    """Best ms per call of forward + input gradient for each kernel; `cold`: per weight copy,
+    cycling through copies that together exceed the L3 cache (pool_mib())."""
     import torch
 
-    weight = torch.randn(cout, cin, k, k) * 0.01
+    from sdtrain.models.conv_path import MAX_ROWS_POSITIONS, _FrozenConv
+
+    copies = max(3, pool_mib() * 2**20 // (cout * cin * k * k * 4)) if cold else 1
+    weights = [torch.randn(cout, cin, k, k) * 0.01 for _ in range(copies)]
     bias = torch.randn(cout)
     x = torch.randn(1, cin, side, side, requires_grad=True)
     pad = k // 2
 
-    def gemm() -> None:
+    def gemm(weight: torch.Tensor) -> None:
         y = torch._C._nn.thnn_conv2d(x, weight, (k, k), bias, (stride, stride), (pad, pad))
         y.backward(torch.ones_like(y))
 
-    def onednn() -> None:
+    def onednn(weight: torch.Tensor) -> None:
         y = torch.nn.functional.conv2d(x, weight, bias, stride, pad)
         y.backward(torch.ones_like(y))
 
-    best = {"gemm": float("inf"), "onednn": float("inf")}
-    gemm()
-    onednn()
+    def gemm_rows(weight: torch.Tensor) -> None:  # the frozen small maps' one-GEMM input gradient
+        y = _FrozenConv.apply(x, weight, bias, (k, k), (stride, stride), (pad, pad))
+        y.backward(torch.ones_like(y))
+
+    kernels = [("gemm", gemm), ("onednn", onednn)]
+    if ((side + 2 * pad - k) // stride + 1) ** 2 <= MAX_ROWS_POSITIONS:
+        kernels.append(("gemm_rows", gemm_rows))
+    best = {name: float("inf") for name, _ in kernels}
+    for _, fn in kernels:
+        fn(weights[0])
     for _ in range(repeat):
-        for name, fn in (("gemm", gemm), ("onednn", onednn)):
+        for name, fn in kernels:
             started = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - started)
+            for weight in weights:
+                fn(weight)
+            best[name] = min(best[name], (time.perf_counter() - started) / copies)
     return {name: round(seconds * 1000, 2) for name, seconds in best.items()}
 
 
@@ -128,24 +163,25 @@ def emit(report: dict, out: Path | None) -> None:
 def main() -> None:
     from sdtrain.models.conv_path import MAX_POSITIONS
 
-    args = arguments(__doc__, repeat=5)
+    args = arguments(__doc__, repeat=5, flags=("--cold",))
     report: dict = {
         "machine": machine(),
         "resolution": args.resolution,
         "max_positions": MAX_POSITIONS,
+        "cold_weights_mib": pool_mib() if args.cold else None,
         "shapes": [],
     }
-    routed = {"gemm": 0.0, "onednn": 0.0}
+    routed = {"gemm": 0.0, "onednn": 0.0, "gemm_rows": 0.0}  # gemm_rows: as conv_path.py runs
     for (cin, cout, k, stride, side, positions), count in sorted(
         unet_conv_shapes(args.resolution).items()
     ):
-        ms = time_shape(cin, cout, k, stride, side, args.repeat)
+        ms = time_shape(cin, cout, k, stride, side, args.repeat, args.cold)
         row = {"in": cin, "out": cout, "kernel": k, "stride": stride, "side": side}
         row |= {"positions": positions, "count": count, "ms": ms}
         report["shapes"].append(row)
         if positions <= MAX_POSITIONS:
             for name in routed:
-                routed[name] += ms[name] * count
+                routed[name] += ms.get(name, ms["gemm"]) * count
         print(json.dumps(row), flush=True)
     report["routed_ms"] = {name: round(total, 1) for name, total in routed.items()}
     emit(report, args.out)

@@ -8,12 +8,12 @@ Every Linear of the SD1.5 U-Net at the given resolution, batch 1 (shapes and cou
 on the meta device), runs its forward and its input gradient (a frozen weight, as in LoRA training)
 both ways, interleaved, median of --repeat. In a training step every weight arrives cold from
 memory, so each timing cycles through copies of the weight that together exceed the L3 cache
-(POOL_MIB, or 1.25x a larger L3, in all) and reports the time per copy. `weight_first_rows_ms` sums
-the shapes linear_path.py sends the weight-first way (MIN_ROWS..MAX_ROWS rows) times their counts:
-if `stock` is lower there on a CPU, the routing rule is wrong on it. `routed_ms.path` sums what
-linear_path.py runs for every shape (forward and input gradient, the blocked forward where it
-applies) against `routed_ms.stock` (F.linear for all). fp32 only. Prints one JSON object (also to
---out).
+(`pool_mib()` in all: 160 MiB, or 1.25x a larger L3) and reports the time per copy.
+`weight_first_rows_ms` sums the shapes linear_path.py sends the weight-first way
+(MIN_ROWS..MAX_ROWS rows) times their counts: if `stock` is lower there on a CPU, the routing rule
+is wrong on it. `routed_ms.path` sums what linear_path.py runs for every shape (forward and input
+gradient, the blocked forward where it applies) against `routed_ms.stock` (F.linear for all). fp32
+only. Prints one JSON object (also to --out).
 Usage: python benchmarks/bench_linear_path.py [--resolution 256] [--repeat 5] [--text-encoder]
        [--out FILE]
 """
@@ -23,23 +23,14 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from pathlib import Path
 
-from bench_conv_path import arguments, emit, machine, unet_layer_shapes  # benchmarks/ is here
-
-POOL_MIB = 160  # over a typical L3 cache; more where the CPU reports a larger one (_pool_mib)
-L3_SIZE = Path("/sys/devices/system/cpu/cpu0/cache/index3/size")
-
-
-def _pool_mib() -> int:
-    """MiB of weight copies to cycle through: POOL_MIB, or 1.25x the L3 cache the CPU reports
-    where that is more (a 2-vCPU Xeon VM reported 480 MiB), so that each copy is cold."""
-    try:
-        text = L3_SIZE.read_text(encoding="ascii").strip().upper()
-        l3_mib = int(text.rstrip("K")) // 1024 if text.endswith("K") else int(text) // 2**20
-    except (OSError, ValueError):
-        return POOL_MIB
-    return max(POOL_MIB, l3_mib * 5 // 4)
+from bench_conv_path import (  # benchmarks/ is here
+    arguments,
+    emit,
+    machine,
+    pool_mib,
+    unet_layer_shapes,
+)
 
 
 def unet_linear_shapes(resolution: int) -> dict:
@@ -69,7 +60,7 @@ def time_shape(rows: int, cin: int, cout: int, bias: bool, repeat: int) -> dict:
 
     from sdtrain.models.linear_path import WIDE, _path, frozen_linear
 
-    pool = max(3, _pool_mib() * 2**20 // (cin * cout * 4))
+    pool = max(3, pool_mib() * 2**20 // (cin * cout * 4))
     weights = [torch.randn(cout, cin) * 0.01 for _ in range(pool)]
     b = torch.randn(cout) if bias else None
     x, grad = torch.randn(rows, cin), torch.randn(rows, cout)

@@ -14,6 +14,9 @@ Every case runs in a fresh subprocess (peak RSS is per process):
 * sdtrain-stock-linear: the same with SDTRAIN_LINEAR=stock (every Linear through torch's
   `F.linear`, instead of the weight-first GEMM for frozen layers with few rows:
   models/linear_path.py), for A/B.
+* sdtrain-stock-conv-grad: the same with SDTRAIN_CONV_GRAD=stock (torch's input gradient for the
+  frozen small-map convolutions instead of the one-GEMM form conv_path.py uses on AVX-512 CPUs),
+  for A/B; sdtrain-rows-conv-grad: that form on any CPU (SDTRAIN_CONV_GRAD=rows).
 * sdtrain-linear-path: the same with SDTRAIN_LINEAR=path (frozen Linear layers through
   models/linear_path.py whatever the CPU; by default only AVX2 CPUs route them), for A/B.
 * sdtrain-eager: the same with SDTRAIN_EAGER_DIFFUSERS=1 (diffusers' model-family packages
@@ -177,6 +180,8 @@ def run_variant(variant: str, case: dict, work: Path, spec: str, steps: int, war
             env["SDTRAIN_LINEAR"] = "stock"
         if variant == "sdtrain-linear-path":
             env["SDTRAIN_LINEAR"] = "path"
+        if variant in ("sdtrain-stock-conv-grad", "sdtrain-rows-conv-grad"):
+            env["SDTRAIN_CONV_GRAD"] = variant.split("-")[1]
         if variant == "sdtrain-eager":
             env["SDTRAIN_EAGER_DIFFUSERS"] = "1"
         if variant in ("sdtrain-omp-active", "sdtrain-omp-passive"):

@@ -19,6 +19,9 @@ os.environ.setdefault("SDTRAIN_ALLOW_SLOW_BF16", "1")
 # measured faster on; the tests route them on every machine, so that the exactness, resume and
 # interop tests check those kernels wherever they run (test_linear_path.py checks the choice)
 os.environ.setdefault("SDTRAIN_LINEAR", "path")
+# ... and the same for the small maps' one-GEMM convolution input gradient (models/conv_path.py;
+# by default on AVX-512 CPUs only)
+os.environ.setdefault("SDTRAIN_CONV_GRAD", "rows")
 
 import pytest  # noqa: E402
 

@@ -132,3 +132,93 @@ def test_bf16_autocast_and_bf16_weights_take_it_like_autocasts_conv2d():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert _gemm_used(frozen, x.clone().requires_grad_())
     assert _gemm_used(frozen, x.to(torch.bfloat16).requires_grad_())
+
+
+def _frozen_pair(cin: int, cout: int, kernel: int, stride: int, bias: bool) -> tuple:
+    """The same frozen convolution twice, the second one routed."""
+    torch.manual_seed(0)
+    make = lambda: torch.nn.Conv2d(  # noqa: E731
+        cin, cout, kernel, stride=stride, padding=kernel // 2, bias=bias
+    ).requires_grad_(False)
+    plain, routed = make(), make()
+    routed.load_state_dict(plain.state_dict())
+    use_gemm_convolutions(routed)
+    return plain, routed
+
+
+@pytest.mark.parametrize(
+    ("cin", "cout", "hw", "kernel", "stride", "batch", "bias"),
+    [
+        (32, 16, 8, 3, 1, 1, True),
+        (16, 24, 4, 3, 1, 2, False),
+        (24, 8, 8, 1, 1, 2, True),
+        (16, 16, 8, 3, 2, 1, True),  # stride 2 to 4x4
+        (8, 8, 16, 3, 2, 3, False),  # stride 2 to 8x8, batch 3
+    ],
+)
+def test_frozen_small_maps_take_the_one_gemm_input_gradient(
+    monkeypatch, cin, cout, hw, kernel, stride, batch, bias
+):
+    """At 8x8 or fewer output positions a frozen fp32 convolution keeps torch's GEMM forward
+    (the same bits) and computes its input gradient as one GEMM over every sample's positions
+    with the weight on the right, then col2im: correct to float rounding."""
+    monkeypatch.setenv(conv_path.GRAD_OPT, "rows")
+    plain, routed = _frozen_pair(cin, cout, kernel, stride, bias)
+    x = torch.randn(batch, cin, hw, hw)
+    xa, xb, xd = (
+        x.clone().double().requires_grad_() if i == 2 else x.clone().requires_grad_()
+        for i in range(3)
+    )
+    pad = (kernel // 2, kernel // 2)
+    ya = torch._C._nn.thnn_conv2d(
+        xa, plain.weight, plain.kernel_size, plain.bias, (stride,) * 2, pad
+    )
+    with _Ops() as ops:
+        yb = routed(xb)
+        yb.backward(grad := torch.randn_like(yb))
+    assert torch.equal(yb, ya)
+    assert "_slow_conv2d_forward" in ops.names and "_slow_conv2d_backward" not in ops.names
+    assert {"mm", "col2im"} <= ops.names
+    ya.backward(grad)
+    exact = torch.nn.functional.conv2d(
+        xd, plain.weight.double(), None if plain.bias is None else plain.bias.double(), stride, pad
+    )
+    exact.backward(grad.double())
+    torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(xb.grad.double(), xd.grad, rtol=1e-5, atol=1e-6)
+    assert yb.grad_fn is not None and type(yb.grad_fn).__name__ != "SlowConv2DBackward0"
+
+
+def test_the_one_gemm_input_gradient_is_only_for_frozen_fp32_small_maps(monkeypatch):
+    monkeypatch.setenv(conv_path.GRAD_OPT, "rows")
+    plain, routed = _frozen_pair(16, 16, 3, 1, True)
+
+    def stock_backward(module: torch.nn.Module, x: torch.Tensor) -> bool:
+        with _Ops() as ops:
+            module(x.requires_grad_()).sum().backward()
+        return "_slow_conv2d_backward" in ops.names
+
+    assert not stock_backward(routed, torch.randn(1, 16, 8, 8))
+    assert stock_backward(routed, torch.randn(1, 16, 9, 8))  # 72 positions > 64
+    routed.weight.requires_grad_(True)  # a trained weight: torch's backward computes its gradient
+    assert stock_backward(routed, torch.randn(1, 16, 8, 8))
+    routed.weight.requires_grad_(False)
+    routed.bias.requires_grad_(True)
+    assert stock_backward(routed, torch.randn(1, 16, 8, 8))
+    routed.bias.requires_grad_(False)
+    half = torch.nn.Conv2d(16, 16, 3, padding=1).to(torch.bfloat16).requires_grad_(False)
+    use_gemm_convolutions(half)
+    assert stock_backward(half, torch.randn(1, 16, 8, 8, dtype=torch.bfloat16))
+    monkeypatch.setenv(conv_path.GRAD_OPT, "stock")
+    assert stock_backward(routed, torch.randn(1, 16, 8, 8))
+
+
+def test_the_one_gemm_input_gradient_defaults_to_the_cpus_it_was_measured_faster_on(monkeypatch):
+    monkeypatch.delenv(conv_path.GRAD_OPT, raising=False)
+    assert conv_path.rows_gradient_here("AVX512")
+    for capability in ("AVX2", "DEFAULT", "SVE256"):
+        assert not conv_path.rows_gradient_here(capability)
+    monkeypatch.setenv(conv_path.GRAD_OPT, "rows")
+    assert conv_path.rows_gradient_here("AVX2")
+    monkeypatch.setenv(conv_path.GRAD_OPT, "stock")
+    assert not conv_path.rows_gradient_here("AVX512")

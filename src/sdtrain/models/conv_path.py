@@ -27,6 +27,28 @@ only, so a run and its resume compute the same. Training applies it to the loade
 any adapter layer exists (models/training_kernels.py; adapters' own small convolutions keep
 torch's choice); `generate` and the data tools keep torch's kernels.
 SDTRAIN_CONV=onednn turns it off (A/B).
+
+Input gradient of frozen fp32 weights at 8x8 and below, on AVX-512 CPUs: torch's GEMM path
+computes it per sample as `W^T @ g` (the weight as the transposed left operand), then col2im.
+Where the weight and bias are frozen fp32, the output map has at most MAX_ROWS_POSITIONS
+positions, and torch's CPU capability is AVX512, the routed convolution instead computes all
+samples' columns in one GEMM with the weight as the right operand, `g_rows @ W` (rows: sample x
+position), then the same col2im (`F.fold`). Measured on a 2-vCPU Xeon with AVX-512 and AMX
+(2026-12-08), forward + input gradient, each call on a cold weight (`benchmarks/bench_conv_path.py
+--cold`), ms, torch's GEMM path -> this:
+
+    1280->1280 3x3 at 4x4: 13.4 -> 9.6; 2560->1280 3x3 at 4x4: 27.4 -> 18.8; 1280->1280 3x3 at
+    8x8: 22.4 -> 20.8; 1280->1280 stride 2 to 4x4: 13.6 -> 9.6; all routed SD1.5 shapes at 256
+    px: 896 -> 790 ms a step; whole LoRA steps 2.33-2.35 s against 2.47-2.49 s. The input
+    gradient alone at batch 4, 4x4: 21.3 -> 10.3; at 16x16 it was slower (640->640: 8.0 ->
+    10.9), so those keep torch's.
+
+The sums run over the same output channels in another order inside MKL: results differ from
+torch's by float rounding (~2e-6 absolute at these sizes), the same on every call, so a run and
+its resume compute the same. AVX2 CPUs (unmeasured with this form; their MKL read a cold weight
+faster as the left operand, models/linear_path.py) and everything else (trained weights, bf16,
+frozen half weights, torch.compile) keep torch's backward. SDTRAIN_CONV_GRAD=stock turns it off,
+SDTRAIN_CONV_GRAD=rows on whatever the CPU (A/B; the tests run with it).
 """
 
 from __future__ import annotations
@@ -41,6 +63,60 @@ from sdtrain.models.frozen_half import is_frozen_half
 
 MAX_POSITIONS = 256  # 16x16: the GEMM path was faster at every SD shape up to here
 OPT_OUT = "SDTRAIN_CONV"
+MAX_ROWS_POSITIONS = 64  # 8x8: the one-GEMM input gradient with the weight on the right
+GRAD_OPT = "SDTRAIN_CONV_GRAD"  # "stock": torch's backward; "rows": that form on any CPU
+ROWS_GRAD_CAPABILITIES = frozenset({"AVX512"})  # torch.backends.cpu.get_cpu_capability()
+
+
+def rows_gradient_here(capability: str | None = None) -> bool:
+    """Whether frozen fp32 convolutions at MAX_ROWS_POSITIONS or fewer positions take the
+    one-GEMM input gradient: SDTRAIN_CONV_GRAD=stock never, =rows always, otherwise where torch's
+    CPU capability (`capability`, default this machine's) is in ROWS_GRAD_CAPABILITIES."""
+    choice = os.environ.get(GRAD_OPT, "").strip().lower()
+    if choice in ("stock", "rows"):
+        return choice == "rows"
+    if capability is None:
+        capability = torch.backends.cpu.get_cpu_capability()
+    return capability in ROWS_GRAD_CAPABILITIES
+
+
+class _FrozenConv(torch.autograd.Function):
+    """`thnn_conv2d` forward for a frozen fp32 weight and bias; input gradient as one GEMM over
+    every sample's positions with the weight on the right, then col2im. Keeps only the weight."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        kernel: tuple[int, int],
+        stride: tuple[int, int],
+        padding: tuple[int, int],
+    ) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        ctx.geometry = (tuple(x.shape[-2:]), kernel, stride, padding)
+        return torch._C._nn.thnn_conv2d(x, weight, kernel, bias, stride, padding)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable  # a double backward fails loudly
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None, None
+        (weight,) = ctx.saved_tensors
+        size, kernel, stride, padding = ctx.geometry
+        batch, channels = grad.shape[:2]
+        rows = grad.permute(0, 2, 3, 1).reshape(-1, channels)  # (sample, position) x channel
+        columns = torch.mm(rows, weight.reshape(channels, -1)).view(batch, -1, weight[0].numel())
+        grad_x = torch.nn.functional.fold(
+            columns.transpose(1, 2), size, kernel, padding=padding, stride=stride
+        )
+        return grad_x, None, None, None, None, None
+
+
+def _frozen_fp32(tensor: torch.Tensor | None) -> bool:
+    """None, or float32 with no gradient to compute."""
+    return tensor is None or (tensor.dtype == torch.float32 and not tensor.requires_grad)
 
 
 def _output_positions(conv: torch.nn.Conv2d, height: int, width: int) -> int:
@@ -79,6 +155,16 @@ def _gemm_conv_forward(
         # a frozen half weight (and bias) of an fp32 run goes in as it is: the up-cast is
         # engine/halfweights.py's, which saves the half tensor for backward
         keep = dtype == torch.float32
+        if (
+            keep
+            and torch.is_grad_enabled()
+            and _frozen_fp32(weight)
+            and _frozen_fp32(bias)
+            and _output_positions(self, x.shape[-2], x.shape[-1]) <= MAX_ROWS_POSITIONS
+            and not torch.compiler.is_compiling()
+            and rows_gradient_here()
+        ):
+            return _FrozenConv.apply(x, weight, bias, self.kernel_size, self.stride, self.padding)
         cast_weight = weight if keep and is_frozen_half(weight) else weight.to(dtype)
         cast = None if bias is None else bias if keep and is_frozen_half(bias) else bias.to(dtype)
         return torch._C._nn.thnn_conv2d(
