@@ -60,6 +60,7 @@ from typing import Any
 import torch
 
 from sdtrain.models.frozen_half import is_frozen_half
+from sdtrain.models.kernel_choice import chosen
 
 MAX_POSITIONS = 256  # 16x16: the GEMM path was faster at every SD shape up to here
 OPT_OUT = "SDTRAIN_CONV"
@@ -72,12 +73,7 @@ def rows_gradient_here(capability: str | None = None) -> bool:
     """Whether frozen fp32 convolutions at MAX_ROWS_POSITIONS or fewer positions take the
     one-GEMM input gradient: SDTRAIN_CONV_GRAD=stock never, =rows always, otherwise where torch's
     CPU capability (`capability`, default this machine's) is in ROWS_GRAD_CAPABILITIES."""
-    choice = os.environ.get(GRAD_OPT, "").strip().lower()
-    if choice in ("stock", "rows"):
-        return choice == "rows"
-    if capability is None:
-        capability = torch.backends.cpu.get_cpu_capability()
-    return capability in ROWS_GRAD_CAPABILITIES
+    return chosen(GRAD_OPT, "stock", "rows", ROWS_GRAD_CAPABILITIES, capability)
 
 
 class _FrozenConv(torch.autograd.Function):

@@ -56,11 +56,12 @@ keep torch's kernels. SDTRAIN_LINEAR=stock turns it off, SDTRAIN_LINEAR=path on 
 
 from __future__ import annotations
 
-import os
 import types
 from typing import Any
 
 import torch
+
+from sdtrain.models.kernel_choice import chosen
 
 MIN_ROWS = 16
 MAX_ROWS = 64
@@ -185,12 +186,7 @@ def routes_here(capability: str | None = None) -> bool:
     """Whether training routes frozen Linear layers on this machine: SDTRAIN_LINEAR=stock never,
     =path always, otherwise where torch's CPU capability (`capability`, default this machine's)
     is one the path was measured faster on (ROUTED_CAPABILITIES)."""
-    choice = os.environ.get(OPT_OUT, "").strip().lower()
-    if choice in ("stock", "path"):
-        return choice == "path"
-    if capability is None:
-        capability = torch.backends.cpu.get_cpu_capability()
-    return capability in ROUTED_CAPABILITIES
+    return chosen(OPT_OUT, "stock", "path", ROUTED_CAPABILITIES, capability)
 
 
 def use_weight_first_linears(module: torch.nn.Module) -> int:
