@@ -48,11 +48,13 @@ torch's by float rounding (~2e-6 absolute at these sizes), the same on every cal
 its resume compute the same. AVX2 CPUs (unmeasured with this form; their MKL read a cold weight
 faster as the left operand, models/linear_path.py) and everything else (trained weights, bf16,
 frozen half weights, torch.compile) keep torch's backward. SDTRAIN_CONV_GRAD=stock turns it off,
-SDTRAIN_CONV_GRAD=rows on whatever the CPU (A/B; the tests run with it).
+SDTRAIN_CONV_GRAD=rows on whatever the CPU (read when the model is routed; A/B; the tests run
+with it).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import types
 from typing import Any
@@ -60,7 +62,7 @@ from typing import Any
 import torch
 
 from sdtrain.models.frozen_half import is_frozen_half
-from sdtrain.models.kernel_choice import chosen
+from sdtrain.models.kernel_choice import chosen, frozen_fp32
 
 MAX_POSITIONS = 256  # 16x16: the GEMM path was faster at every SD shape up to here
 OPT_OUT = "SDTRAIN_CONV"
@@ -110,11 +112,6 @@ class _FrozenConv(torch.autograd.Function):
         return grad_x, None, None, None, None, None
 
 
-def _frozen_fp32(tensor: torch.Tensor | None) -> bool:
-    """None, or float32 with no gradient to compute."""
-    return tensor is None or (tensor.dtype == torch.float32 and not tensor.requires_grad)
-
-
 def _output_positions(conv: torch.nn.Conv2d, height: int, width: int) -> int:
     (kh, kw), (sh, sw), (ph, pw) = conv.kernel_size, conv.stride, conv.padding
     return ((height + 2 * ph - kh) // sh + 1) * ((width + 2 * pw - kw) // sw + 1)
@@ -133,9 +130,17 @@ def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
 
 
 def _gemm_conv_forward(
-    self: torch.nn.Conv2d, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    self: torch.nn.Conv2d,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    rows_gradient: bool = False,
 ) -> torch.Tensor:
+    """Conv2d._conv_forward through the GEMM path where it applies; `rows_gradient`: frozen fp32
+    weights at MAX_ROWS_POSITIONS or fewer positions take `_FrozenConv`'s input gradient."""
     dtype = _compute_dtype(x, weight) if x.device.type == "cpu" else None
+    positions = _output_positions(self, x.shape[-2], x.shape[-1]) if x.dim() == 4 else 0
     if (
         dtype is not None
         and x.dim() == 4
@@ -146,19 +151,19 @@ def _gemm_conv_forward(
         and x.is_contiguous()
         and not x.is_contiguous(memory_format=torch.channels_last)
         and weight.is_contiguous()
-        and _output_positions(self, x.shape[-2], x.shape[-1]) <= MAX_POSITIONS
+        and positions <= MAX_POSITIONS
     ):
         # a frozen half weight (and bias) of an fp32 run goes in as it is: the up-cast is
         # engine/halfweights.py's, which saves the half tensor for backward
         keep = dtype == torch.float32
         if (
-            keep
+            rows_gradient
+            and keep
             and torch.is_grad_enabled()
-            and _frozen_fp32(weight)
-            and _frozen_fp32(bias)
-            and _output_positions(self, x.shape[-2], x.shape[-1]) <= MAX_ROWS_POSITIONS
+            and frozen_fp32(weight)
+            and frozen_fp32(bias)
+            and positions <= MAX_ROWS_POSITIONS
             and not torch.compiler.is_compiling()
-            and rows_gradient_here()
         ):
             return _FrozenConv.apply(x, weight, bias, self.kernel_size, self.stride, self.padding)
         cast_weight = weight if keep and is_frozen_half(weight) else weight.to(dtype)
@@ -181,12 +186,14 @@ def _suited(conv: Any) -> bool:
 
 def use_gemm_convolutions(module: torch.nn.Module) -> int:
     """Route the small-map fp32 / bf16 CPU convolutions of `module` through im2col + GEMM (see
-    the module doc); returns how many Conv2d layers can take that path (0 when opted out)."""
+    the module doc), with the one-GEMM input gradient where `rows_gradient_here()` says so at
+    this call; returns how many Conv2d layers can take that path (0 when opted out)."""
     if os.environ.get(OPT_OUT, "").strip().lower() == "onednn":
         return 0
+    forward = functools.partial(_gemm_conv_forward, rows_gradient=rows_gradient_here())
     count = 0
     for conv in module.modules():
         if _suited(conv):
-            conv._conv_forward = types.MethodType(_gemm_conv_forward, conv)  # type: ignore[method-assign]
+            conv._conv_forward = types.MethodType(forward, conv)  # type: ignore[method-assign]
             count += 1
     return count

@@ -1,4 +1,5 @@
-"""Which CPUs take a kernel choice by default, with an environment variable to force it.
+"""What the training's CPU kernel choices share: which CPUs take one by default (with an
+environment variable to force it), and which tensors count as frozen fp32 ones.
 
 A CPU kernel choice measured faster on some CPUs only (models/linear_path.py,
 models/conv_path.py) is on where torch's CPU capability
@@ -25,3 +26,10 @@ def chosen(
     if capability is None:
         capability = torch.backends.cpu.get_cpu_capability()
     return capability in capabilities
+
+
+def frozen_fp32(tensor: torch.Tensor | None) -> bool:
+    """None, or float32 without a gradient to compute (frozen, or gradients not recorded)."""
+    return tensor is None or (
+        tensor.dtype == torch.float32 and not (tensor.requires_grad and torch.is_grad_enabled())
+    )

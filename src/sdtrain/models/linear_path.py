@@ -36,12 +36,12 @@ less per SD1.5 step at 256 px. Bit-identical at every shape measured, and an SD1
 after 3 steps was identical with and without the blocks.
 
 Which CPUs: only where torch's CPU capability is AVX2 (no AVX-512), the machines it was measured
-faster on. On a 2-vCPU Intel Xeon with AVX-512 and AMX (2026-12-08, same script) MKL's own
-`x @ W^T` won almost everywhere: the routed shapes took 703 ms a step against 614 stock (64 rows
-1280->10240: forward 8.9 weight first, 10.3 in blocks, 8.5 stock; input gradient 12.7 against
-7.3), and whole SD1.5 LoRA steps took 2.56 s against 2.45 with `SDTRAIN_LINEAR=stock` (3
-alternating pairs, each pair the same way round). AVX-512 CPUs from other vendors are
-unmeasured and keep torch's kernels too.
+faster on. On a 2-vCPU Intel Xeon with AVX-512 and AMX (2026-12-08, same script, weights cycled
+through 600 MiB) MKL's own `x @ W^T` won almost everywhere: the routed shapes took 723 ms a step
+against 634 stock (64 rows 1280->10240: forward 9.1 weight first, 10.0 in blocks, 9.0 stock;
+input gradient 13.2 against 7.5), and whole SD1.5 LoRA steps took 2.56 s against 2.45 with
+`SDTRAIN_LINEAR=stock` (3 alternating pairs, each pair the same way round). AVX-512 CPUs from
+other vendors are unmeasured and keep torch's kernels too.
 
 `use_weight_first_linears(module)` gives each Linear of the module a forward that takes these
 paths for float32 CPU input when no gradient of the layer's weight or bias is computed (they
@@ -61,7 +61,7 @@ from typing import Any
 
 import torch
 
-from sdtrain.models.kernel_choice import chosen
+from sdtrain.models.kernel_choice import chosen, frozen_fp32
 
 MIN_ROWS = 16
 MAX_ROWS = 64
@@ -137,13 +137,6 @@ def _row_major(product: torch.Tensor, lead: torch.Size) -> torch.Tensor:
     return out
 
 
-def _frozen_fp32(tensor: torch.Tensor | None) -> bool:
-    """None, or float32 without a gradient to compute (frozen, or gradients not recorded)."""
-    return tensor is None or (
-        tensor.dtype == torch.float32 and not (tensor.requires_grad and torch.is_grad_enabled())
-    )
-
-
 def _path(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> str | None:
     """Which path: weight first for MIN_ROWS..MAX_ROWS rows, column blocks for a WIDE layer with
     up to MAX_BLOCKED_ROWS rows, given float32 CPU input, a contiguous 2-D float32 weight and a
@@ -152,8 +145,8 @@ def _path(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> s
         x.device.type == "cpu"
         and x.dtype == torch.float32
         and x.dim() >= 2
-        and _frozen_fp32(weight)
-        and _frozen_fp32(bias)
+        and frozen_fp32(weight)
+        and frozen_fp32(bias)
         and weight.device.type == "cpu"
         and weight.dim() == 2
         and weight.is_contiguous()
